@@ -1,0 +1,7 @@
+"""specdiff-jax: SpecDiff-2 speculative decoding with masked-diffusion drafters, in JAX/Flax."""
+
+from specdiff_jax.cache import KVCache
+from specdiff_jax.config import ConfigError, ModelConfig
+from specdiff_jax.model import Transformer, layout_mask
+
+__all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "layout_mask"]

@@ -1,0 +1,236 @@
+"""One Qwen2-family transformer (Flax NNX), used functionally through `nnx.split` / `nnx.merge`.
+
+Pre-RMSNorm blocks, rotary position embeddings, grouped-query attention, SwiGLU MLP, optional q/k/v bias
+(Qwen2: yes, LLaMA: no) and optional tied embeddings. The attention layout is a config switch
+(`causal`, `bidirectional`, `block_causal`); there is one implementation for all of them.
+
+Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `norm`) that
+`specdiff_jax.sharding` maps to mesh axes.
+
+The functional core is `Transformer.forward(tokens, positions, block_mask, cache)`: a block of Q query tokens
+attends to the first `cache.lengths[b]` entries of a KV cache (if any) and, inside the block, according to
+`block_mask`. It returns logits and the block's own keys/values; writing them into a cache is a separate,
+explicit step (`KVCache.write`) so that K draft chains can be scored against one shared prefix and only the
+selected chain's entries copied in.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from specdiff_jax.cache import KVCache
+from specdiff_jax.config import ModelConfig
+
+Array = jax.Array
+_NEG = -1e30  # finite "minus infinity" keeps fully masked rows NaN-free
+
+
+def _dtype(name: str):
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, std: float | None = 0.02, ones=False):
+    dt = _dtype(cfg.param_dtype)
+    if ones:
+        value = jnp.ones(shape, dt)
+    elif std is None:
+        value = jnp.zeros(shape, dt)
+    else:
+        value = (std * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dt)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.weight = _param(rngs, (cfg.hidden_size,), ("norm",), cfg, ones=True)
+        self.eps = cfg.rms_norm_eps
+
+    def __call__(self, x: Array) -> Array:
+        # Statistics in f32 whatever the compute dtype, as HF Qwen2 does.
+        xf = x.astype(jnp.float32)
+        xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+        return (self.weight.value.astype(jnp.float32) * xf).astype(x.dtype)
+
+
+def rope(x: Array, positions: Array, theta: float) -> Array:
+    """Rotary embedding, HF "rotate_half" convention. x: [B, T, N, D], positions: int32[B, T]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, T, D/2]
+    cos = jnp.cos(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    sin = jnp.sin(jnp.concatenate([ang, ang], -1))[:, :, None, :]
+    xf = x.astype(jnp.float32)
+    x1, x2 = xf[..., : d // 2], xf[..., d // 2:]
+    rot = jnp.concatenate([-x2, x1], -1)
+    return (xf * cos + rot * sin).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        self.cfg = cfg
+        self.q_proj = _param(rngs, (d, h * hd), ("embed", "heads"), cfg)
+        self.k_proj = _param(rngs, (d, kv * hd), ("embed", "kv_heads"), cfg)
+        self.v_proj = _param(rngs, (d, kv * hd), ("embed", "kv_heads"), cfg)
+        self.o_proj = _param(rngs, (h * hd, d), ("heads", "embed"), cfg)
+        if cfg.qkv_bias:
+            self.q_bias = _param(rngs, (h * hd,), ("heads",), cfg, std=None)
+            self.k_bias = _param(rngs, (kv * hd,), ("kv_heads",), cfg, std=None)
+            self.v_bias = _param(rngs, (kv * hd,), ("kv_heads",), cfg, std=None)
+
+    def __call__(self, x, positions, block_mask, cache_k, cache_v, cache_lengths):
+        cfg = self.cfg
+        B, Q, _ = x.shape
+        h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        g = h // kv
+        cdt = x.dtype
+
+        def proj(w, name):
+            y = x @ w.value.astype(cdt)
+            if cfg.qkv_bias:
+                y = y + getattr(self, name).value.astype(cdt)
+            return y
+
+        q = proj(self.q_proj, "q_bias").reshape(B, Q, kv, g, hd)
+        k = proj(self.k_proj, "k_bias").reshape(B, Q, kv, hd)
+        v = proj(self.v_proj, "v_bias").reshape(B, Q, kv, hd)
+        q = rope(q.reshape(B, Q, h, hd), positions, cfg.rope_theta).reshape(B, Q, kv, g, hd)
+        k = rope(k, positions, cfg.rope_theta)
+
+        scale = 1.0 / math.sqrt(hd)
+        # Scores against the block itself: [B, kv, g, Q, Q]
+        s_blk = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
+        s_blk = jnp.where(block_mask[:, None, None], s_blk, _NEG)
+        if cache_k is None:
+            p = jax.nn.softmax(s_blk, axis=-1)
+            out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(cdt), v)
+        else:
+            # Scores against the cache, without concatenating (copying) the cache: [B, kv, g, Q, S]
+            S = cache_k.shape[1]
+            s_c = jnp.einsum("bqkgd,bskd->bkgqs", q, cache_k.astype(cdt), preferred_element_type=jnp.float32)
+            s_c = s_c * scale
+            valid = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [B, S]
+            s_c = jnp.where(valid[:, None, None, None, :], s_c, _NEG)
+            p = jax.nn.softmax(jnp.concatenate([s_c, s_blk], axis=-1), axis=-1).astype(cdt)
+            out = jnp.einsum("bkgqs,bskd->bqkgd", p[..., :S], cache_v.astype(cdt)) + jnp.einsum(
+                "bkgqs,bskd->bqkgd", p[..., S:], v
+            )
+        out = out.reshape(B, Q, h * hd) @ self.o_proj.value.astype(cdt)
+        return out, k, v
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.up_proj = _param(rngs, (d, f), ("embed", "mlp"), cfg)
+        self.down_proj = _param(rngs, (f, d), ("mlp", "embed"), cfg)
+
+    def __call__(self, x):
+        cdt = x.dtype
+        gate = jax.nn.silu(x @ self.gate_proj.value.astype(cdt))
+        return (gate * (x @ self.up_proj.value.astype(cdt))) @ self.down_proj.value.astype(cdt)
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg, rngs)
+        self.self_attn = Attention(cfg, rngs)
+        self.post_attention_layernorm = RMSNorm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+
+    def __call__(self, x, positions, block_mask, cache_k, cache_v, cache_lengths):
+        a, k, v = self.self_attn(self.input_layernorm(x), positions, block_mask, cache_k, cache_v, cache_lengths)
+        x = x + a
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+def layout_mask(cfg: ModelConfig, length: int, prefix_len: int | None = None) -> Array:
+    """Static self-attention mask bool[1, T, T] of a layout (True = may attend).
+
+    block_causal: positions < prefix_len are causal, positions >= prefix_len (the block) attend to everything
+    before the block and to the whole block. Default prefix_len = length - cfg.block_size.
+    """
+    i = jnp.arange(length)[:, None]
+    j = jnp.arange(length)[None, :]
+    if cfg.attention == "causal":
+        m = j <= i
+    elif cfg.attention == "bidirectional":
+        m = jnp.ones((length, length), bool)
+    else:
+        p = max(length - cfg.block_size, 0) if prefix_len is None else prefix_len
+        m = (j <= i) | ((i >= p) & (j >= p))
+    return m[None]
+
+
+class Transformer(nnx.Module):
+    """Qwen2-family decoder. Construct with `Transformer(cfg, rngs=nnx.Rngs(seed))`."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"), cfg)
+        self.layers = nnx.List([DecoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.norm = RMSNorm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), cfg)
+
+    # ------------------------------------------------------------------------------------------
+    def forward(
+        self,
+        tokens: Array,
+        positions: Array,
+        block_mask: Array,
+        cache: KVCache | None = None,
+        *,
+        compute_logits: bool = True,
+    ) -> tuple[Array | None, Array, Array]:
+        """Run a block of tokens.
+
+        tokens: int32[B, Q]; positions: int32[B, Q] (rotary positions);
+        block_mask: bool[B or 1, Q, Q], which block tokens each block token may attend to;
+        cache: optional KVCache; every query also attends to cache entries [0, cache.lengths[b]).
+        Returns (logits float32[B, Q, V] or None, k, v) with k, v: [num_layers, B, Q, kv_heads, head_dim],
+        the block's keys/values (not written anywhere).
+        """
+        cdt = _dtype(self.cfg.dtype)
+        x = jnp.take(self.embed_tokens.value, tokens, axis=0).astype(cdt)
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            ck = None if cache is None else cache.k[i]
+            cv = None if cache is None else cache.v[i]
+            cl = None if cache is None else cache.lengths
+            x, k, v = layer(x, positions, block_mask, ck, cv, cl)
+            ks.append(k)
+            vs.append(v)
+        k_all, v_all = jnp.stack(ks), jnp.stack(vs)
+        if not compute_logits:
+            return None, k_all, v_all
+        return self.logits(x), k_all, v_all
+
+    def logits(self, x: Array) -> Array:
+        """Final norm + LM head on hidden states [..., D] -> float32 logits [..., V]."""
+        x = self.norm(x)
+        w = self.embed_tokens.value.T if self.cfg.tie_embeddings else self.lm_head.value
+        return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens: Array, prefix_len: int | None = None) -> Array:
+        """Full forward without a cache: tokens int32[B, L] -> float32 logits [B, L, V].
+
+        The layout comes from the config; for block_causal the last `cfg.block_size` positions (or those from
+        `prefix_len` on) form the block. For logit-shifted drafters the output at i predicts token i+1.
+        """
+        tokens = jnp.asarray(tokens, jnp.int32)
+        B, L = tokens.shape
+        if L > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence length {L} exceeds the model's max_seq_len={self.cfg.max_seq_len}; "
+                "shorten the input or raise max_seq_len in the model config"
+            )
+        positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+        logits, _, _ = self.forward(tokens, positions, layout_mask(self.cfg, L, prefix_len))
+        return logits
