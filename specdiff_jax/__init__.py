@@ -8,3 +8,6 @@ from specdiff_jax.decode import Decoder, GenerateOutput, generate
 
 __all__ = ["ConfigError", "KVCache", "ModelConfig", "Transformer", "layout_mask", "load_pretrained", "save_pretrained"]
 __all__ += ["Decoder", "GenerateOutput", "generate"]
+from specdiff_jax.tokenizer import Tokenizer, load_tokenizer
+
+__all__ += ["Tokenizer", "load_tokenizer"]
