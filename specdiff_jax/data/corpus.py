@@ -229,7 +229,7 @@ def select_files(sources: Sequence[str] = DEFAULT_SOURCES, *, val_fraction: floa
                             package_max_bytes=package_max_bytes)
     needles = humaneval_needles()
     counts = dict(files_seen=0, dropped_duplicates=0, dropped_contaminated=0, skipped_binary=0,
-                  skipped_non_utf8=0, skipped_large=0, skipped_empty=0, skipped_cap=0)
+                  skipped_non_utf8=0, skipped_unreadable=0, skipped_large=0, skipped_empty=0, skipped_cap=0)
     contaminated: list[dict[str, str]] = []
     seen: set[str] = set()
     kept: list[CorpusFile] = []
@@ -253,7 +253,7 @@ def select_files(sources: Sequence[str] = DEFAULT_SOURCES, *, val_fraction: floa
                     continue
                 data = file.read_bytes()
             except OSError:
-                counts["skipped_non_utf8"] += 1  # unreadable: counted with the undecodable files
+                counts["skipped_unreadable"] += 1
                 continue
             if b"\0" in data:
                 counts["skipped_binary"] += 1
@@ -371,7 +371,8 @@ def prepare_corpus(data_dir: str, source_dirs: list[str] | None = None, *, val_f
       trees. None means ["stdlib", "site-packages"] (without "site-packages" if not include_site_packages).
       To add a directory to the defaults pass ["stdlib", "site-packages", "/my/dir"].
     Returns a dict: files_kept, files_{train,validation}, bytes_{train,validation}, dropped_duplicates,
-      dropped_contaminated (and `contaminated`: path + task id), skipped_{binary,non_utf8,large,empty,cap},
+      dropped_contaminated (and `contaminated`: path + task id),
+      skipped_{binary,non_utf8,unreadable,large,empty,cap},
       bytes_per_source, seconds. If the corpus already exists with the same arguments it is reused; with other
       arguments that is an error unless overwrite=True.
     """
