@@ -20,7 +20,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(STAMP)
-	$(BIN)/python -m eval.bench_main
+	$(BIN)/python -m eval.benchmark --config configs/bench/tiny.yaml
 
 assets: $(STAMP)
 	bash scripts/make_assets.sh

@@ -1,0 +1,65 @@
+"""Smoke test of the decode benchmark: two prompts, two methods, files and schema, greedy equality with ar."""
+
+import json
+
+import pytest
+from flax import nnx
+
+from eval.benchmark import BenchError, load_bench_config, main
+from specdiff_jax import ModelConfig, Transformer
+from specdiff_jax.checkpoint import save_pretrained
+from specdiff_jax.tokenizer import load_tokenizer
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    tok = load_tokenizer("assets/tiny")
+    d = tmp_path_factory.mktemp("bench_models")
+    base = dict(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id, max_seq_len=256,
+                hidden_size=32, num_heads=2, num_kv_heads=1, head_dim=16, intermediate_size=64)
+    save_pretrained(Transformer(ModelConfig(num_layers=2, **base), rngs=nnx.Rngs(0)), d / "verifier")
+    save_pretrained(Transformer(ModelConfig(num_layers=1, attention="block_causal", mask_token_id=tok.mask_id,
+                                            **base), rngs=nnx.Rngs(1)), d / "drafter_base")
+    return d
+
+
+def test_benchmark_smoke(model_dir, tmp_path):
+    out = tmp_path / "out"
+    rc = main(["--config", "configs/bench/tiny.yaml", "--out", str(out),
+               f"verifier={model_dir / 'verifier'}", f"specdiff_drafter={model_dir / 'drafter_base'}",
+               "methods=[ar, specdiff]", "humaneval_prompts=2", "max_prompt_tokens=40", "max_new_tokens=12",
+               "temperatures=[0.0]", "repeats=1", "specdiff_gamma=4", "progress_bar=false"])
+    assert rc == 0
+    for name in ("results.json", "results.md", "config.yaml", "speedup_T0.png", "alpha.png",
+                 "acceleration_compute.png"):
+        assert (out / name).is_file(), name
+    res = json.loads((out / "results.json").read_text())
+    assert set(res) >= {"config", "hardware", "rows"}
+    assert [r["method"] for r in res["rows"]] == ["ar", "specdiff"]
+    for r in res["rows"]:
+        assert isinstance(r["temperature"], float) and r["batch"] == 1
+        assert r["tokens_per_s"] > 0 and r["speedup_vs_ar"] > 0
+        assert r["greedy_matches_ar"] is True
+    ar, sd = res["rows"]
+    assert ar["gamma"] is None and ar["num_drafts"] is None and ar["speedup_vs_ar"] == 1.0
+    assert sd["gamma"] == 4 and sd["num_drafts"] == 1 and sd["tokens_per_verifier_call"] >= 1.0
+    assert len(sd["alpha"]) == 4 and sum(sd["accepted_hist"]) > 0
+    assert any("max_prompt_tokens" in n for n in res["notes"])  # the prompts were cut, and it says so
+    assert "| specdiff |" in (out / "results.md").read_text()
+
+
+@pytest.mark.parametrize("override, needle", [
+    (["gama=4"], "did you mean"),
+    (["methods=[specdiff]"], "must include 'ar'"),
+    (["methods=[ar, fast]"], "unknown method 'fast'"),
+    (["repeats=0"], "repeats"),
+])
+def test_bad_config(override, needle):
+    with pytest.raises(BenchError, match=needle):
+        load_bench_config("configs/bench/tiny.yaml", override)
+
+
+def test_missing_verifier_exits_cleanly(tmp_path, capsys):
+    rc = main(["--out", str(tmp_path), "verifier=/nonexistent/verifier", "progress_bar=false"])
+    assert rc == 2
+    assert "does not exist" in capsys.readouterr().err
