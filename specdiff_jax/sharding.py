@@ -1,0 +1,148 @@
+"""Device mesh and logical-axis sharding (the MaxText pattern).
+
+Code names *logical* axes only (`batch`, `embed`, `heads`, `kv_heads`, `mlp`, `vocab`, `norm`, `length`,
+`cache_batch`, `cache_length`); `mesh.logical_axis_rules` in the config maps each to a mesh axis (`data`, `fsdp`,
+`tensor`), a tuple of mesh axes, or None (replicated). Parameters carry their logical axes as `logical_axes`
+metadata on `nnx.Param` (see specdiff_jax.model).
+
+A dimension whose size is not divisible by the product of its mesh axes falls back to replication on that
+dimension (a tiny model on a big mesh still runs; it just is not split there).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from specdiff_jax.config import ConfigError
+
+MESH_AXES = ("data", "fsdp", "tensor")
+Rules = Sequence[tuple[str, Any]]
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """Resolve the (data, fsdp, tensor) sizes of `mesh_cfg` for `num_devices` devices (-1 = the rest)."""
+    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+    fixed = math.prod(s for s in sizes if s != -1)
+    if -1 in sizes:
+        if num_devices % fixed:
+            raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed} devices) do not divide "
+                              f"the {num_devices} available devices; change the mesh.* sizes")
+        sizes[sizes.index(-1)] = num_devices // fixed
+    if math.prod(sizes) != num_devices:
+        raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
+                          f"{num_devices} are available; set one mesh axis to -1 or fix the sizes")
+    return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
+    """A Mesh over `devices` (default: all) with axes (data, fsdp, tensor) in Auto mode.
+
+    Built directly with `Mesh(...)`: jax 0.10's `make_mesh` defaults to Explicit axes (see STACK.md).
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_shape(mesh_cfg, len(devices))
+    return Mesh(np.array(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def _rule_map(rules: Rules) -> dict[str, tuple[str, ...]]:
+    out = {}
+    for name, axes in rules:
+        if axes is None:
+            out[name] = ()
+        elif isinstance(axes, str):
+            out[name] = (axes,)
+        else:
+            out[name] = tuple(axes)
+    return out
+
+
+def logical_to_spec(logical_axes: Sequence[str | None], rules: Rules, mesh: Mesh | None = None,
+                    shape: Sequence[int] | None = None) -> P:
+    """PartitionSpec for an array with the given logical axes.
+
+    With `mesh` and `shape`, a dimension not divisible by its mesh axes' total size is replicated, and a mesh axis
+    already used by an earlier dimension is not used twice. Unknown logical names (and None) are replicated.
+    """
+    rmap = _rule_map(rules)
+    used: set[str] = set()
+    spec = []
+    for i, name in enumerate(logical_axes):
+        axes = tuple(a for a in rmap.get(name, ()) if a not in used) if name is not None else ()
+        if mesh is not None:
+            axes = tuple(a for a in axes if mesh.shape[a] > 1)
+            if shape is not None and axes and shape[i] % math.prod(mesh.shape[a] for a in axes):
+                axes = ()
+        used.update(axes)
+        spec.append(None if not axes else axes[0] if len(axes) == 1 else axes)
+    return P(*spec)
+
+
+def logical_sharding(mesh: Mesh, rules: Rules, logical_axes: Sequence[str | None],
+                     shape: Sequence[int] | None = None) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(logical_axes, rules, mesh, shape))
+
+
+def param_logical_axes(state: nnx.State) -> dict:
+    """Pure-dict pytree (same structure as `nnx.to_pure_dict(state)`) of each parameter's logical axes tuple."""
+    flat = {}
+    for path, var in state.flat_state():
+        axes = var.get_metadata().get("logical_axes") if hasattr(var, "get_metadata") else None
+        flat[path] = tuple(axes) if axes is not None else (None,) * np.ndim(var.value)
+    return _unflatten(flat)
+
+
+def _unflatten(flat: dict[tuple, Any]) -> dict:
+    out: dict = {}
+    for path, v in flat.items():
+        d = out
+        for k in path[:-1]:
+            d = d.setdefault(k, {})
+        d[path[-1]] = v
+    return out
+
+
+def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
+    """NamedShardings (pure-dict pytree) for the parameters of an `nnx.split` state, from their logical axes."""
+    axes = param_logical_axes(state)
+    values = nnx.to_pure_dict(state)
+    return jax.tree.map(lambda ax, v: logical_sharding(mesh, rules, ax, np.shape(v)), axes, values,
+                        is_leaf=lambda x: isinstance(x, tuple))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def opt_state_shardings(tx, opt_state_shapes, param_sharding_tree, mesh: Mesh):
+    """Shardings for an optax state: parameter-shaped subtrees (Adam moments) follow the parameters,
+    everything else (counts, scalars) is replicated."""
+    import optax
+
+    return optax.tree_map_params(
+        tx,
+        lambda _, s: s,
+        opt_state_shapes,
+        param_sharding_tree,
+        transform_non_params=lambda _: replicated(mesh),
+        is_leaf=lambda x: isinstance(x, NamedSharding),
+    )
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2, *, leading: int = 0) -> NamedSharding:
+    """Sharding of a token batch: `leading` unsharded dims (e.g. micro-batches), then batch, then length."""
+    spec = logical_to_spec((None,) * leading + ("batch",) + ("length",) * (ndim - leading - 1), rules, mesh)
+    return NamedSharding(mesh, spec)
+
+
+def describe(shardings: dict) -> list[str]:
+    """Human-readable `path: spec` lines, for logs and dry runs."""
+    lines = []
+    for path, s in jax.tree_util.tree_leaves_with_path(shardings, is_leaf=lambda x: isinstance(x, NamedSharding)):
+        lines.append(f"{jax.tree_util.keystr(path)}: {s.spec}")
+    return lines
