@@ -1,0 +1,85 @@
+"""Token distributions: the one temperature / top-k / top-p filter used for sampling AND for acceptance.
+
+Speculative decoding is lossless only if the probabilities that the acceptance rule compares are exactly the
+distributions the tokens were (or would have been) sampled from. So the verifier's p and the drafter's q are
+always produced by `probs` below, and tokens are always drawn from those same arrays with `sample`.
+
+Conventions: logits float32[..., V]; ids at or above `num_sampleable` (embedding rows padded past the
+tokenizer) and the mask token are never sampled; temperature 0 means argmax (a one-hot distribution, so the
+greedy, p/q and delta rules all reduce to exact greedy decoding).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+Array = jax.Array
+_NEG = -1e30
+
+
+def allowed_ids(vocab: int, num_sampleable: int, exclude: tuple[int, ...] = ()) -> Array:
+    """bool[vocab]: which ids may ever be sampled."""
+    ok = jnp.arange(vocab) < num_sampleable
+    for e in exclude:
+        if e is not None and 0 <= e < vocab:
+            ok = ok.at[e].set(False)
+    return ok
+
+
+def probs(
+    logits: Array,
+    *,
+    temperature: float,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    num_sampleable: int | None = None,
+    exclude: tuple[int, ...] = (),
+) -> Array:
+    """Filtered sampling distribution float32[..., V] from logits float32[..., V].
+
+    Order (as HF transformers): forbid never-sampled ids, divide by temperature, keep the top_k largest
+    (0 = off), keep the smallest set of most likely tokens whose mass reaches top_p (1.0 = off; the most
+    likely token is always kept), renormalise. temperature == 0 returns one_hot(argmax) over allowed ids.
+    All filter arguments are static Python numbers.
+    """
+    V = logits.shape[-1]
+    ns = V if num_sampleable is None else min(num_sampleable, V)
+    logits = logits.astype(jnp.float32)
+    logits = jnp.where(allowed_ids(V, ns, exclude), logits, _NEG)
+    if temperature == 0:
+        return jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
+    logits = logits / temperature
+    if top_k and top_k < V:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits >= kth, logits, _NEG)
+    p = jax.nn.softmax(logits, axis=-1)
+    if top_p < 1.0:
+        order = jnp.argsort(-p, axis=-1)
+        sp = jnp.take_along_axis(p, order, axis=-1)
+        # keep a token if the mass strictly before it is < top_p (so the first token is always kept)
+        keep_sorted = (jnp.cumsum(sp, axis=-1) - sp) < top_p
+        keep = jnp.zeros_like(keep_sorted)
+        keep = jnp.put_along_axis(keep, order, keep_sorted, axis=-1, inplace=False)
+        p = jnp.where(keep, p, 0.0)
+        p = p / jnp.sum(p, axis=-1, keepdims=True)
+    return p
+
+
+def sample(key: Array, p: Array, shape: tuple[int, ...] | None = None) -> Array:
+    """Draw int32 ids from probabilities p[..., V]; zero-probability ids are never drawn.
+
+    shape: output shape (must broadcast p's batch shape), default p.shape[:-1].
+    """
+    logp = jnp.where(p > 0, jnp.log(jnp.maximum(p, 1e-38)), -jnp.inf)
+    return jax.random.categorical(key, logp, axis=-1, shape=shape).astype(jnp.int32)
+
+
+def normalize(r: Array, fallback: Array) -> Array:
+    """r / sum(r) over the last axis; rows whose mass is (numerically) zero fall back to `fallback`.
+
+    A zero residual only arises when rejection had probability zero (p == q up to rounding), so the
+    fallback is never used with positive probability in exact arithmetic.
+    """
+    s = jnp.sum(r, axis=-1, keepdims=True)
+    return jnp.where(s > 1e-12, r / jnp.maximum(s, 1e-30), fallback)
