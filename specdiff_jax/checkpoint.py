@@ -128,8 +128,11 @@ def load_params(path: str | Path, abstract_state: Any) -> Any:
     is_state = isinstance(abstract_state, nnx.State)
     pure = nnx.to_pure_dict(abstract_state) if is_state else abstract_state
 
+    # Without a target sharding orbax would reuse the stored one, which names the saving machine's devices.
+    default_sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+
     def to_abstract(x):
-        sharding = getattr(x, "sharding", None)
+        sharding = getattr(x, "sharding", None) or default_sharding
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
 
     target = jax.tree_util.tree_map(to_abstract, pure)

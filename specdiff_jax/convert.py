@@ -390,7 +390,7 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
     pdt = _dtype_np(cfg.param_dtype)
     params: dict[tuple, Any] = {}
     for our, name, hook in mapping:
-        params[our] = jnp.asarray(np.ascontiguousarray(hook(tensors.get(name))).astype(pdt))
+        params[our] = jnp.asarray(np.ascontiguousarray(hook(tensors.get(name)).astype(pdt, copy=False)))
     return fill_model(cfg, traversals.unflatten_mapping(params))
 
 

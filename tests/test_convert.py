@@ -36,6 +36,15 @@ def _report():
             print(f"  {k}: {v:.2e}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _exact_matmuls():
+    import jax
+
+    # On GPUs f32 matmuls may default to TF32, which is far from 1e-4; CPUs are unaffected.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 @pytest.fixture(scope="module")
 def tokens():
     return np.random.RandomState(0).randint(0, 100, size=(2, 11)).astype(np.int32)

@@ -95,6 +95,13 @@ def maxdiff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float32) - np.asarray(b, np.float32))))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _exact_matmuls():
+    # On GPUs f32 matmuls may default to TF32, which is far from 1e-5; CPUs are unaffected.
+    with jax.default_matmul_precision("highest"):
+        yield
+
+
 ERRS: dict[str, float] = {}  # measured max |cached - full| logit differences, printed at the end (pytest -s)
 
 
