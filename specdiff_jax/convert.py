@@ -160,7 +160,10 @@ def tokenizer_size(path: str | Path) -> int | None:
     if tj.is_file():
         from tokenizers import Tokenizer
 
-        ids = list(Tokenizer.from_file(str(tj)).get_vocab(with_added_tokens=True).values())
+        try:
+            ids = list(Tokenizer.from_file(str(tj)).get_vocab(with_added_tokens=True).values())
+        except Exception as e:  # tokenizers raises a bare Exception on malformed files
+            raise ConversionError(f"{tj}: cannot read the tokenizer ({e})") from None
     else:
         vj = path / "vocab.json"
         if vj.is_file():

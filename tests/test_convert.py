@@ -275,6 +275,37 @@ def test_missing_tensor(tiny_hf, tmp_path):
         load_pretrained(d)
 
 
+def test_unexpected_tensor(tiny_hf, tmp_path):
+    from safetensors.numpy import load_file, save_file
+
+    d = tmp_path / "x"
+    shutil.copytree(tiny_hf, d)
+    t = load_file(str(d / "model.safetensors"))
+    t["model.layers.0.mlp.extra.weight"] = np.zeros((2, 2), np.float32)
+    save_file(t, str(d / "model.safetensors"))
+    with pytest.raises(ConversionError, match=r"tensors this converter does not know: model\.layers\.0\.mlp\.extra"):
+        load_pretrained(d)
+
+
+def test_llama_attention_bias(tmp_path, tokens):
+    """LLaMA's attention_bias adds q/k/v biases (ours) and an o_proj bias (accepted only when zero)."""
+    hf = make_hf("llama", tmp_path / "nonzero", kv=2, attention_bias=True)
+    with pytest.raises(ConversionError, match=r"model\.layers\.0\.self_attn\.o_proj\.bias is non-zero"):
+        load_pretrained(tmp_path / "nonzero")
+    with torch.no_grad():
+        for layer in hf.model.layers:
+            layer.self_attn.o_proj.bias.zero_()
+    hf.save_pretrained(tmp_path / "zero")
+    m = load_pretrained(tmp_path / "zero")
+    assert m.cfg.qkv_bias and m.cfg.architecture == "llama"
+    ref = torch_logits(hf, tokens)
+    assert maxdiff(ours(m, tokens), ref) < TOL
+    to_hf(m, tmp_path / "back")
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert hf2.config.attention_bias is True
+    assert maxdiff(torch_logits(hf2, tokens), ref) < TOL
+
+
 def test_shape_mismatch(tiny_hf, tmp_path):
     d = _edit_config(tiny_hf, tmp_path / "x", intermediate_size=48)
     with pytest.raises(ConversionError, match=r"model\.layers\.0\.mlp\.gate_proj\.weight has shape \(64, 32\) "
