@@ -1,0 +1,197 @@
+"""Calibration losses (closed forms, streak gradient), exact windows, and a few training steps raising the streak."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from specdiff_jax import calibration as C
+from specdiff_jax.checkpoint import fill_model
+from specdiff_jax.config import ConfigError, ModelConfig
+from specdiff_jax.model import Transformer, layout_mask
+
+MASK = 3
+
+# Two windows of G=3 over V=4 ids; window 1 has only two scored positions (the sequence ended).
+Q = np.array([[[0.5, 0.2, 0.2, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25]],
+              [[0.7, 0.1, 0.1, 0.1], [0.2, 0.2, 0.5, 0.1], [0.4, 0.3, 0.2, 0.1]]])
+P_ = np.array([[[0.6, 0.2, 0.1, 0.1], [0.3, 0.3, 0.3, 0.1], [0.1, 0.2, 0.3, 0.4]],
+               [[0.25, 0.25, 0.25, 0.25], [0.1, 0.1, 0.7, 0.1], [0.9, 0.05, 0.03, 0.02]]])
+Y = np.array([[0, 1, 3], [0, 2, 1]])
+VALID = np.array([[True, True, True], [True, True, False]])
+QY = np.take_along_axis(Q, Y[..., None], -1)[..., 0]  # q_j(y_j)
+
+
+def _lq():
+    return jnp.asarray(np.log(QY), jnp.float32), jnp.asarray(VALID)
+
+
+def test_log_probs_temperature_and_forbidden_ids():
+    lg = jnp.asarray([[1.0, 2.0, 0.5, 3.0, -1.0]])
+    lp = C.log_probs(lg, 2.0, num_sampleable=4, exclude=(MASK,))
+    z = np.array([1.0, 2.0, 0.5]) / 2.0
+    ref = z - np.log(np.exp(z).sum())
+    np.testing.assert_allclose(np.asarray(lp)[0, :3], ref, rtol=1e-6)
+    assert float(jnp.exp(lp[0, 3:]).sum()) == 0.0  # the mask id and padded rows are never drafted
+    with pytest.raises(ConfigError, match="temperature"):
+        C.log_probs(lg, 0.0)
+
+
+def test_streak_loss_closed_form():
+    lq, valid = _lq()
+    w0 = QY[0, 0] + QY[0, 0] * QY[0, 1] + QY[0, 0] * QY[0, 1] * QY[0, 2]
+    w1 = QY[1, 0] + QY[1, 0] * QY[1, 1]
+    assert float(C.streak_loss(lq, valid)) == pytest.approx(-(w0 + w1) / 2, rel=1e-6)
+    np.testing.assert_allclose(np.asarray(C.expected_streak(lq, valid)), [w0, w1], rtol=1e-6)
+
+
+def test_ce_streak_closed_form():
+    lq, valid = _lq()
+    w0 = -(math.log(QY[0, 0]) + QY[0, 0] * math.log(QY[0, 1]) + QY[0, 0] * QY[0, 1] * math.log(QY[0, 2]))
+    w1 = -(math.log(QY[1, 0]) + QY[1, 0] * math.log(QY[1, 1]))
+    assert float(C.ce_streak_loss(lq, valid)) == pytest.approx((w0 + w1) / 2, rel=1e-6)
+
+
+def _kl(p, q):
+    return float(np.sum(p * np.log(p / q)))
+
+
+def test_kd_losses_closed_form():
+    p, logq, valid = jnp.asarray(P_), jnp.asarray(np.log(Q)), jnp.asarray(VALID)
+    first = (_kl(P_[0, 0], Q[0, 0]) + _kl(P_[1, 0], Q[1, 0])) / 2
+    assert float(C.kd_first_loss(p, logq, valid)) == pytest.approx(first, rel=1e-5)
+    pairs = [(n, j) for n in range(2) for j in range(3) if VALID[n, j]]
+    window = sum(_kl(P_[n, j], Q[n, j]) for n, j in pairs) / len(pairs)
+    assert float(C.kd_window_loss(p, logq, valid)) == pytest.approx(window, rel=1e-5)
+    # a zero-probability teacher entry contributes 0 (0 log 0 = 0), a one-hot teacher gives -log q
+    onehot = jnp.asarray(np.eye(4)[Y])
+    assert float(C.kd_first_loss(onehot, logq, valid)) == pytest.approx(-np.log(QY[:, 0]).mean(), rel=1e-5)
+
+
+def test_mdlm_window_loss_closed_form():
+    lq, valid = _lq()
+    masked = jnp.asarray([[True, False, True], [True, True, True]])
+    t = jnp.asarray([0.5, 0.25])
+    w0 = -(math.log(QY[0, 0]) + math.log(QY[0, 2])) / 0.5 / 3
+    w1 = -(math.log(QY[1, 0]) + math.log(QY[1, 1])) / 0.25 / 3  # position 3 is past the end
+    assert float(C.mdlm_window_loss(lq, masked, t, valid)) == pytest.approx((w0 + w1) / 2, rel=1e-6)
+
+
+def test_streak_gradient_matches_formula():
+    """dJ/d log q_j = sum_{m>=j} prod_{i<=m} q_i, for J = sum_m prod_{i<=m} q_i (random windows, ragged)."""
+    r = np.random.default_rng(1)
+    lq = jnp.asarray(np.log(r.uniform(0.05, 0.99, (5, 8))), jnp.float32)
+    valid = jnp.asarray(np.arange(8)[None] < np.array([8, 3, 1, 6, 8])[:, None])
+    g = jax.grad(lambda x: -C.streak_loss(x, valid) * 5)(lq)  # J summed over the 5 windows
+    ref = np.zeros((5, 8))
+    q = np.exp(np.asarray(lq))
+    for n in range(5):
+        m_end = int(valid[n].sum())
+        for j in range(m_end):
+            ref[n, j] = sum(np.prod(q[n, : m + 1]) for m in range(j, m_end))
+    np.testing.assert_allclose(np.asarray(g), ref, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(C.streak_grad_formula(lq, valid)), ref, rtol=1e-5, atol=1e-7)
+
+
+def test_acceptance_stats():
+    lq, valid = _lq()
+    st = C.acceptance_stats(lq, valid, jnp.asarray([[True, False, True], [True, True, True]]))
+    a1 = QY[:, 0].mean()
+    a2 = (QY[0, 0] * QY[0, 1] + QY[1, 0] * QY[1, 1]) / 2
+    np.testing.assert_allclose(np.asarray(st["alpha"])[:2], [a1, a2 / a1], rtol=1e-6)
+    # position 3 is scored in window 0 only
+    assert float(st["alpha"][2]) == pytest.approx(QY[0, 2], rel=1e-6)
+    assert float(st["greedy_streak"]) == pytest.approx((1 + 2) / 2)
+
+
+# ------------------------------------------------------------------------------------------------------
+# windows: exactly the inference computation
+# ------------------------------------------------------------------------------------------------------
+V = 64
+DCFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                   intermediate_size=64, max_seq_len=64, attention="block_causal", mask_token_id=MASK, block_size=4,
+                   eos_token_id=2, pad_token_id=0)
+VCFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
+                   intermediate_size=64, max_seq_len=64, eos_token_id=2, pad_token_id=0)
+
+
+def tiny(cfg: ModelConfig, seed: int, std: float = 0.1) -> Transformer:
+    """A random model from numpy (no XLA compiles: an eager init compiles every op, seconds on a busy CPU)."""
+    r = np.random.default_rng(seed)
+    abstract = nnx.to_pure_dict(nnx.state(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))), nnx.Param))
+    params = jax.tree_util.tree_map_with_path(
+        lambda path, a: np.ones(a.shape, np.float32) if "norm" in jax.tree_util.keystr(path)
+        else (std * r.standard_normal(a.shape)).astype(np.float32), abstract)
+    return fill_model(cfg, params)
+
+
+def _batch():
+    r = np.random.default_rng(0)
+    B, L = 2, 20
+    tok = r.integers(4, V, (B, L)).astype(np.int32)
+    seg = np.zeros((B, L), np.int32)
+    seg[0, :6], seg[0, 6:18] = 1, 2
+    seg[1, :4], seg[1, 4:20] = 1, 2
+    tok[seg == 0] = 0
+    return tok, seg
+
+
+def test_window_logits_equal_per_window_inference_forward():
+    d, v = tiny(DCFG, 0), tiny(VCFG, 1)
+    tok, seg = _batch()
+    G, W = 4, 6
+    lay = jax.jit(functools.partial(C.window_layout, gamma=G, stride=3, windows=W))(tok, seg)
+    np.testing.assert_array_equal(np.asarray(lay["starts"]), [[6, 9, 12, 15, 18, 20], [4, 7, 10, 13, 16, 19]])
+    # window (0, 3) starts at 15 and scores 15, 16, 17 (the sequence ends at 18); (0, 4) starts at the end
+    np.testing.assert_array_equal(np.asarray(lay["valid"][0, 3]), [True, True, True, False])
+    assert not bool(lay["valid"][0, 4].any())
+    gv, vst = nnx.split(v)
+    gd, st = nnx.split(d)
+
+    @jax.jit
+    def under_test(st, vst, tok, starts, positions):
+        dm, vm = nnx.merge(gd, st), nnx.merge(gv, vst)
+        return (C.drafter_window_logits(dm, tok, starts, jnp.full((2, W, G), MASK, jnp.int32)),
+                C.verifier_window_logits(vm, tok, positions), vm(tok))
+
+    lg, vl, vfull = under_test(st, vst, jnp.asarray(tok), lay["starts"], lay["positions"])
+    T = 24  # every reference window padded to one length: one compile
+
+    @jax.jit
+    def ref_forward(st, x, mask):
+        return nnx.merge(gd, st).forward(x, jnp.arange(T)[None], mask)[0]
+
+    checked = 0
+    for b in range(2):
+        for w in range(W):
+            t = int(lay["starts"][b, w])
+            if not bool(lay["valid"][b, w, 0]):
+                continue
+            # reference: the inference layout of `d([x_<t ; MASK x G], prefix_len=t)`, padded to T
+            x = np.zeros((1, T), np.int32)
+            x[0, : t + G] = np.concatenate([tok[b, :t], np.full(G, MASK)])
+            mask = np.eye(T, dtype=bool)[None].copy()
+            mask[:, : t + G, : t + G] = np.asarray(layout_mask(DCFG, T, t))[:, : t + G, : t + G]
+            ref = ref_forward(st, jnp.asarray(x), jnp.asarray(mask))[0, t: t + G]
+            np.testing.assert_allclose(np.asarray(lg[b, w]), np.asarray(ref), atol=2e-5)
+            for j in range(G):
+                if bool(lay["valid"][b, w, j]):
+                    np.testing.assert_allclose(np.asarray(vl[b, w, j]), np.asarray(vfull[b, t + j - 1]), atol=2e-5)
+                    assert int(lay["targets"][b, w, j]) == tok[b, t + j]
+            checked += 1
+    assert checked == 10
+
+
+def test_refuses_unsupported_drafters():
+    with pytest.raises(ConfigError, match="block_causal"):
+        C.check_drafter(VCFG)
+    with pytest.raises(ConfigError, match="unknown"):
+        C.Settings(loss="streaky")
+    with pytest.raises(ConfigError, match="verifier"):
+        C.make_objective(C.Settings(loss="kd_first"), None)
