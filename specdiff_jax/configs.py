@@ -56,10 +56,11 @@ DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
-    data_dir: str = "data/corpus"
+    data_dir: str = "data"
     tokenizer: str = "assets/tiny"
     source_dirs: tuple[str, ...] | None = None
     prepare: bool = True
+    val_fraction: float = 0.02
     seq_len: int = 256
     batch_size: int = 8
     seed: int = 0
@@ -145,11 +146,15 @@ def valid_keys() -> list[str]:
 
 
 def _unknown(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, valid_keys(), n=3, cutoff=0.6)
-    if not close:  # a wrong section with a right field name: match on the last component
-        last = key.rsplit(".", 1)[-1]
-        close = [k for k in valid_keys() if k.rsplit(".", 1)[-1] in difflib.get_close_matches(
-            last, [v.rsplit(".", 1)[-1] for v in valid_keys()], n=3, cutoff=0.75)][:3]
+    keys = valid_keys()
+    last = key.rsplit(".", 1)[-1]
+    lasts = [k.rsplit(".", 1)[-1] for k in keys]
+    close = [k for k in keys if k.rsplit(".", 1)[-1] == last]  # right name, wrong section
+    close += [k for k in difflib.get_close_matches(key, keys, n=3, cutoff=0.6) if k not in close]
+    if not close:  # a wrong section and a misspelt name: match on the name alone
+        near = set(difflib.get_close_matches(last, lasts, n=3, cutoff=0.75))
+        close = [k for k, n in zip(keys, lasts) if n in near]
+    close = close[:3]
     hint = f"; did you mean {' or '.join(close)}?" if close else "; see configs/defaults.yaml for the valid keys"
     return ConfigError(f"unknown config key {key!r} (from {source}){hint}")
 
@@ -433,6 +438,8 @@ def validate(cfg: Config) -> None:
     for key, v in (("data.val_batches", d.val_batches), ("train.warmup_steps", t.warmup_steps)):
         if v < 0:
             bad(key, v, "must be >= 0")
+    if not 0 < d.val_fraction < 1:
+        bad("data.val_fraction", d.val_fraction, "must be in (0, 1)")
     if t.lr <= 0:
         bad("train.lr", t.lr, "must be positive")
     if not 0 <= t.end_lr_ratio <= 1:

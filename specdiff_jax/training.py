@@ -236,19 +236,28 @@ def build_data(cfg: Config, tokenizer=None):
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer at data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} ids but "
                           f"model.vocab_size={cfg.model.vocab_size}; set model.vocab_size=tokenizer")
-    if not Path(d.data_dir).exists():
+    try:
+        train_src = corpus.load_split(d.data_dir, "train")
+    except corpus.CorpusError:
         if not d.prepare:
-            raise ConfigError(f"data.data_dir={d.data_dir!r} does not exist; prepare the corpus there or set "
-                              "data.prepare=true")
-        corpus.prepare_corpus(d.data_dir, list(d.source_dirs) if d.source_dirs is not None else None)
+            raise
+        print(f"preparing the corpus under {d.data_dir} (data.prepare=true)", flush=True)
+        corpus.prepare_corpus(d.data_dir, list(d.source_dirs) if d.source_dirs is not None else None,
+                              val_fraction=d.val_fraction)
+        train_src = corpus.load_split(d.data_dir, "train")
+    if len(train_src) == 0:
+        raise ConfigError(f"the corpus at data.data_dir={d.data_dir!r} has no training documents; add source files "
+                          "(data.source_dirs) and prepare it again")
     nproc, pid = jax.process_count(), jax.process_index()
     local_batch = d.batch_size // nproc
-    train_src = corpus.load_split(d.data_dir, "train")
     train_ds = pipeline.packed_dataset(train_src, tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=d.seed,
                                        shuffle=True, num_epochs=None, shard_index=pid, shard_count=nproc)
     val_batches = []
-    if d.val_batches:
-        val_src = corpus.load_split(d.data_dir, "validation")
+    val_src = corpus.load_split(d.data_dir, "validation") if d.val_batches else []
+    if d.val_batches and len(val_src) < nproc:
+        print(f"warning: the validation split of {d.data_dir} has {len(val_src)} documents: no validation "
+              "(raise data.val_fraction and prepare the corpus again)", flush=True)
+    elif d.val_batches:
         val_ds = pipeline.packed_dataset(val_src, tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=0,
                                          shuffle=False, num_epochs=1, shard_index=pid, shard_count=nproc)
         for i, b in enumerate(val_ds):

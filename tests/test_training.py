@@ -370,3 +370,52 @@ def test_logical_specs_and_divisibility_fallback():
     assert mesh_shape(MeshConfig(data=-1, fsdp=2, tensor=2), 8) == (2, 2, 2)
     with pytest.raises(ConfigError, match="needs 8 devices but 4"):
         mesh_shape(MeshConfig(data=2, fsdp=2, tensor=2), 4)
+
+
+# --- the command-line program -------------------------------------------------------------------------
+
+CLI_TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
+            "model.head_dim=16", "model.intermediate_size=64", "model.max_seq_len=64", "data.seq_len=32",
+            "data.batch_size=2", "train.steps=2", "train.warmup_steps=1", "train.progress_bar=false",
+            "train.eval_every=2", "checkpoint.save_every=2"]
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--config", "configs/nope.yaml", "--workdir", "{tmp}/w"], "nope.yaml' does not exist; pass an existing YAML file"),
+    (["--config", "configs/models/tiny_verifier.yaml", "--workdir", "{tmp}/w", "train.stepz=3"],
+     "unknown config key 'train.stepz' (from command line); did you mean train.steps"),
+    (["--config", "configs/models/tiny_verifier.yaml", "--workdir", "{tmp}/w", "data.seq_len=4096"],
+     "data.seq_len=4096 is invalid: exceeds the model's max_seq_len=1024"),
+    (["--config", "configs/models/tiny_verifier.yaml"], "no work dir: pass --workdir DIR"),
+    (["--config", "configs/models/tiny_verifier.yaml", "--workdir", "{tmp}/w", "workdir={tmp}/v"],
+     "'workdir' is overridden twice"),
+])
+def test_cli_bad_input_exits_2_with_one_line(argv, expected, tmp_path, capsys, monkeypatch):
+    from train.pretrain import main
+
+    monkeypatch.chdir(ROOT)
+    assert main([a.format(tmp=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and expected in err, err
+    assert not (tmp_path / "w").exists()
+
+
+def test_cli_trains_a_drafter_end_to_end_on_a_fresh_corpus(tmp_path, capsys, monkeypatch):
+    """Corpus prepared on first use, real tokenizer and Grain pipeline, mdlm objective, export."""
+    from specdiff_jax.checkpoint import load_pretrained
+    from train.pretrain import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(16):
+        (src / f"mod_{i}.py").write_text(f"def f_{i}(x):\n    return x * {i} + {i % 3}\n" * (4 + i))
+    monkeypatch.chdir(ROOT)
+    rc = main(["--config", "configs/models/tiny_drafter.yaml", "--workdir", str(tmp_path / "w"),
+               f"data.data_dir={tmp_path / 'data'}", f"data.source_dirs=[{src}]", "data.val_fraction=0.3",
+               "data.val_batches=1", *CLI_TINY])
+    out = capsys.readouterr().out
+    assert rc == 0, out
+    assert "done: 2 steps, validation loss" in out
+    m = load_pretrained(tmp_path / "w" / "export")
+    assert m.cfg.attention == "block_causal" and m.cfg.mask_token_id == 3 and m.cfg.vocab_size == 4096
+    assert [r["step"] for r in records(tmp_path / "w") if "val_loss" in r] == [2]
