@@ -69,7 +69,7 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    objective: Literal["ar", "mdlm"] = "ar"
+    objective: Literal["ar", "mdlm", "calibrate"] = "ar"
     steps: int = 1000
     lr: float = 1e-3
     end_lr_ratio: float = 0.1
@@ -106,6 +106,44 @@ class CheckpointConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class GenerateConfig:
+    """Verifier samples for calibration (train/generate_data.py, specdiff_jax.data.verifier_data)."""
+
+    verifier: str = "assets/tiny/verifier"
+    out_dir: str = "data/verifier_completions"
+    num_prompts: int = 2048
+    samples_per_prompt: int = 2
+    prompt_tokens: int = 64
+    max_new_tokens: int = 128
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 0
+    batch_size: int = 32
+    seed: int = 0
+    validation_fraction: float = 0.05
+    on_overlap: Literal["skip", "error"] = "skip"
+    prompts_file: str | None = None
+    eval_files: tuple[str, ...] = ()
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class CalibrateConfig:
+    """Streak distillation and its baselines (train/calibrate.py, specdiff_jax.calibration)."""
+
+    loss: Literal["streak", "ce_streak", "kd_first", "kd_window", "mdlm"] = "streak"
+    data_dir: str = "data/verifier_completions"
+    verifier: str | None = "assets/tiny/verifier"
+    gamma: int | None = None
+    stride: int = 1
+    windows_per_row: int = 0
+    temperature: float = 1.0
+    verifier_temperature: float = 1.0
+    eval_prompts: int = 16
+    eval_max_new_tokens: int = 128
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -113,6 +151,8 @@ class Config:
     mesh: MeshConfig = MeshConfig()
     checkpoint: CheckpointConfig = CheckpointConfig()
     workdir: str | None = None
+    generate: GenerateConfig = GenerateConfig()
+    calibrate: CalibrateConfig = CalibrateConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -127,6 +167,8 @@ SECTIONS: dict[str, type] = {
     "train": TrainConfig,
     "mesh": MeshConfig,
     "checkpoint": CheckpointConfig,
+    "generate": GenerateConfig,
+    "calibrate": CalibrateConfig,
 }
 TOP_LEVEL = ("workdir",)
 
@@ -399,7 +441,8 @@ def load_config(
     mesh = MeshConfig(**sections["mesh"])
     ckpt = CheckpointConfig(**sections["checkpoint"])
     model = ModelConfig(**model_kw)
-    cfg = Config(model=model, data=data, train=train, mesh=mesh, checkpoint=ckpt, **top)
+    cfg = Config(model=model, data=data, train=train, mesh=mesh, checkpoint=ckpt, **top,
+                 generate=GenerateConfig(**sections["generate"]), calibrate=CalibrateConfig(**sections["calibrate"]))
     validate(cfg)
     return cfg
 
@@ -454,6 +497,12 @@ def validate(cfg: Config) -> None:
                 "model.attention=block_causal (or train.objective=ar)")
         if m.mask_token_id is None:
             bad("model.mask_token_id", None, "the mdlm objective needs a mask token")
+    if t.objective == "calibrate":
+        if m.attention != "block_causal" or m.logit_shift or m.mask_token_id is None:
+            bad("model.attention", m.attention, "calibration trains block_causal drafters with a mask token and "
+                "model.logit_shift=false; set train.init_from to such a drafter and match its model config")
+        _validate_calibrate(cfg, bad)
+    _validate_generate(cfg, bad)
     if t.objective == "ar" and m.attention != "causal":
         bad("model.attention", m.attention, "the ar objective trains causal models; set model.attention=causal "
             "(or train.objective=mdlm)")
@@ -468,6 +517,39 @@ def validate(cfg: Config) -> None:
         for a in axes:
             if a is not None and a not in sizes:
                 bad("mesh.logical_axis_rules", list(rule), f"mesh axis {a!r} is not one of {list(sizes)}")
+
+
+def _validate_generate(cfg: Config, bad) -> None:
+    g = cfg.generate
+    for key in ("num_prompts", "samples_per_prompt", "prompt_tokens", "max_new_tokens", "batch_size"):
+        if getattr(g, key) <= 0:
+            bad(f"generate.{key}", getattr(g, key), "must be a positive integer")
+    if g.temperature < 0:
+        bad("generate.temperature", g.temperature, "must be >= 0 (0 = greedy)")
+    if not 0 < g.top_p <= 1:
+        bad("generate.top_p", g.top_p, "must be in (0, 1] (1 = off)")
+    if g.top_k < 0:
+        bad("generate.top_k", g.top_k, "must be >= 0 (0 = off)")
+    if not 0 <= g.validation_fraction < 1:
+        bad("generate.validation_fraction", g.validation_fraction, "must be in [0, 1)")
+
+
+def _validate_calibrate(cfg: Config, bad) -> None:
+    c = cfg.calibrate
+    for key in ("stride", "eval_max_new_tokens"):
+        if getattr(c, key) <= 0:
+            bad(f"calibrate.{key}", getattr(c, key), "must be a positive integer")
+    for key in ("windows_per_row", "eval_prompts"):
+        if getattr(c, key) < 0:
+            bad(f"calibrate.{key}", getattr(c, key), "must be >= 0")
+    if c.gamma is not None and c.gamma <= 0:
+        bad("calibrate.gamma", c.gamma, "must be a positive integer (or null = model.block_size)")
+    if not c.temperature > 0:
+        bad("calibrate.temperature", c.temperature, "must be > 0 (the drafter's inference temperature)")
+    if c.verifier_temperature < 0:
+        bad("calibrate.verifier_temperature", c.verifier_temperature, "must be >= 0 (0 = argmax teacher)")
+    if c.loss in ("kd_first", "kd_window") and not c.verifier:
+        bad("calibrate.verifier", c.verifier, f"calibrate.loss={c.loss} distils the verifier: set its model dir")
 
 
 def to_yaml(cfg: Config) -> str:
