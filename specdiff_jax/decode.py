@@ -394,12 +394,16 @@ def _decode_impl(s: _Spec, gv, gd, vstate, dstate, carry: dict, key: Array):
 
 
 def _compiled(s: _Spec, gv, gd):
-    key = (s, gv, gd)
-    if key not in _COMPILED:
-        pre = jax.jit(lambda vs, ds, t, ln, e: _prefill_impl(s, gv, gd, vs, ds, t, ln, e))
-        dec = jax.jit(lambda vs, ds, c, k: _decode_impl(s, gv, gd, vs, ds, c, k))
-        _COMPILED[key] = (pre, dec)
-    return _COMPILED[key]
+    """(prefill, decode) jitted for this static spec; prefill is shared by every setting it does not read."""
+    ps = dataclasses.replace(s, method="", rule="", num_drafts=1, steps=1, temperature=0.0, top_k=0, top_p=1.0,
+                             draft_temperature=0.0, vocab=0, v_exclude=(), mask_id=-1, logit_shift=False)
+    pkey = ("prefill", ps, gv, gd)
+    if pkey not in _COMPILED:
+        _COMPILED[pkey] = jax.jit(lambda vs, ds, t, ln, e: _prefill_impl(ps, gv, gd, vs, ds, t, ln, e))
+    dkey = ("decode", s, gv, gd)
+    if dkey not in _COMPILED:
+        _COMPILED[dkey] = jax.jit(lambda vs, ds, c, k: _decode_impl(s, gv, gd, vs, ds, c, k))
+    return _COMPILED[pkey], _COMPILED[dkey]
 
 
 # ======================================================================================================

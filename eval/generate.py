@@ -1,0 +1,125 @@
+"""Generate a completion with any decoding method and print it with the decoding statistics.
+
+    python -m eval.generate --verifier PATH [--drafter PATH] --method specdiff2 --prompt "def add(a, b):" \
+        --tokenizer assets/tiny --gamma 16 --num-drafts 4 --max-new-tokens 64
+    python -m eval.generate --verifier PATH --method ar --prompt-ids 1,2,3
+
+Model paths are our model directories or Hugging Face directories (`load_pretrained`). Prompt text needs a
+tokenizer (--tokenizer, default: the verifier directory if it holds one). Bad input exits with status 2 and a
+one-line message.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, no usage dump
+        _fail(f"{message} (see python -m eval.generate --help)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = _Parser(prog="python -m eval.generate", description=__doc__.split("\n")[0])
+    ap.add_argument("--verifier", required=True, help="verifier model directory (ours or Hugging Face)")
+    ap.add_argument("--drafter", help="drafter model directory (needed by sps, specdiff, specdiff2)")
+    ap.add_argument("--method", required=True, choices=["ar", "sps", "specdiff", "specdiff2"])
+    src = ap.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text (encoded with --tokenizer)")
+    src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
+    ap.add_argument("--tokenizer", help="tokenizer directory or file (default: the verifier directory)")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=0.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--gamma", type=int, default=16)
+    ap.add_argument("--num-drafts", type=int, default=1)
+    ap.add_argument("--denoise-steps", type=int, default=1)
+    ap.add_argument("--draft-temperature", type=float, default=1.0)
+    ap.add_argument("--acceptance", default="auto", choices=["auto", "greedy", "pq", "delta", "multi_draft"])
+    ap.add_argument("--eos-id", type=int, default=None, help="token id that ends a row (default: the verifier's)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], help="override the stored compute/param dtype")
+    ap.add_argument("--json", action="store_true", help="print one JSON object instead of text")
+    return ap
+
+
+def _fail(msg: str) -> None:
+    print(f"error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    tok = None
+    if args.prompt_ids is not None:
+        try:
+            ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t != ""]
+        except ValueError:
+            _fail(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers, e.g. 1,2,3")
+        if not ids:
+            _fail("--prompt-ids is empty: give at least one token id")
+    if args.drafter is None and args.method != "ar":
+        _fail(f"--method {args.method} needs --drafter PATH (only --method ar runs without a drafter)")
+    for flag, path in (("--verifier", args.verifier), ("--drafter", args.drafter)):
+        if path is not None and not Path(path).exists():
+            _fail(f"{flag} {path!r} does not exist")
+
+    try:
+        from specdiff_jax import decode
+        from specdiff_jax.checkpoint import load_pretrained
+
+        if args.prompt is not None or args.tokenizer is not None:
+            from specdiff_jax.tokenizer import load_tokenizer
+
+            tpath = args.tokenizer or args.verifier
+            try:
+                tok = load_tokenizer(tpath)
+            except Exception as e:  # noqa: BLE001 - one-line message for any tokenizer problem
+                _fail(f"cannot load a tokenizer from {tpath!r} ({e}); pass --tokenizer PATH or use --prompt-ids")
+        if args.prompt is not None:
+            ids = tok.encode(args.prompt)
+            if not ids:
+                _fail("--prompt encodes to no tokens; give a non-empty prompt")
+        verifier = load_pretrained(args.verifier, dtype=args.dtype)
+        drafter = load_pretrained(args.drafter, dtype=args.dtype) if args.drafter else None
+        dec = decode.Decoder(
+            verifier, drafter, method=args.method, max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, gamma=args.gamma,
+            num_drafts=args.num_drafts, denoise_steps=args.denoise_steps,
+            draft_temperature=args.draft_temperature, acceptance=args.acceptance, eos_id=args.eos_id)
+        t0 = time.perf_counter()
+        out = dec([ids], seed=args.seed)  # first call includes compilation
+        t1 = time.perf_counter()
+        out = dec([ids], seed=args.seed)
+        t2 = time.perf_counter()
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+
+    gen = out.rows()[0]
+    st = dict(out.stats)
+    st.update(compile_and_run_s=round(t1 - t0, 3), run_s=round(t2 - t1, 3),
+              tokens_per_s=round(len(gen) / max(t2 - t1, 1e-9), 2))
+    text = tok.decode(gen) if tok is not None else None
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, "ids": gen, "text": text, "stats": st}))
+        return 0
+    print(text if text is not None else " ".join(map(str, gen)))
+    print("---")
+    for k in ("method", "acceptance", "tokens", "verifier_calls", "drafter_calls", "tokens_per_verifier_call",
+              "mean_accepted", "accepted_hist", "alpha", "run_s", "tokens_per_s", "compile_and_run_s"):
+        v = st[k]
+        if isinstance(v, float):
+            v = round(v, 3)
+        elif isinstance(v, list) and v and isinstance(v[0], float):
+            v = [round(x, 3) for x in v]
+        print(f"{k}: {v}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
