@@ -193,9 +193,20 @@ def prompts_from_file(path: str, tokenizer, evals: EvalSet, *, prompt_tokens: in
     return out
 
 
-def split_of(prompt_index: int, validation_fraction: float) -> str:
-    h = int(hashlib.sha256(str(prompt_index).encode()).hexdigest()[:8], 16) / 2**32
-    return "validation" if h < validation_fraction else "train"
+def _prompt_hash(prompt_index: int) -> float:
+    return int(hashlib.sha256(str(prompt_index).encode()).hexdigest()[:8], 16) / 2**32
+
+
+def assign_splits(num_prompts: int, validation_fraction: float) -> list[str]:
+    """Split of each prompt index, by a hash of the index; with a fraction > 0 and at least 2 prompts, at least
+    one prompt is held out (the one with the smallest hash) and at least one is kept for training."""
+    h = [_prompt_hash(i) for i in range(num_prompts)]
+    out = ["validation" if x < validation_fraction else "train" for x in h]
+    if validation_fraction > 0 and num_prompts >= 2 and "validation" not in out:
+        out[int(np.argmin(h))] = "validation"
+    if num_prompts >= 1 and "train" not in out:
+        out[int(np.argmax(h))] = "train"
+    return out
 
 
 # ============================================================================================ TFDS builder
@@ -236,7 +247,8 @@ class VerifierCompletions(tfds.core.GeneratorBasedBuilder):
                              "existing one with load_completions(data_dir, split)")
         recs = list(self._records)
         self.info.metadata.update(provenance=self._provenance)
-        return {s: self._generate_examples([r for r in recs if r["split"] == s]) for s in SPLITS}
+        return {s: self._generate_examples([r for r in recs if r["split"] == s]) for s in SPLITS
+                if any(r["split"] == s for r in recs)}  # TFDS refuses empty splits
 
     def _generate_examples(self, recs):
         for r in recs:
