@@ -187,18 +187,23 @@ class Programs:
     eval_step: Callable  # (params, batch, rng) -> (loss sum, tokens)
 
 
-def programs(cfg: Config, mesh) -> Programs:
-    """Jitted init / train / eval functions for `cfg` on `mesh`, memoised in-process (compiles are slow on CPU)."""
+def programs(cfg: Config, mesh, objective: Callable | None = None) -> Programs:
+    """Jitted init / train / eval functions for `cfg` on `mesh`, memoised in-process (compiles are slow on CPU).
+
+    objective: a custom `f(model, batch, rng) -> (loss, metrics)` (e.g. a calibration loss) instead of the one
+    named by train.objective; it is part of the memo key.
+    """
     from specdiff_jax import objectives
 
     # Fields that do not change the compiled programs are normalised out of the memo key.
     tc = dataclasses.replace(cfg.train, log_every=1, eval_every=1, progress_bar=True, init_from=None)
+    if objective is not None:
+        return _programs(cfg.model, tc, cfg.mesh, mesh, objective, custom=True)
     return _programs(cfg.model, tc, cfg.mesh, mesh, objectives.OBJECTIVES[tc.objective])
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl) -> Programs:
-    del objective_impl  # part of the key only: make_objective looks it up
+def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = False) -> Programs:
     cfg = Config(model=model_cfg, train=tc, mesh=mesh_cfg)
     tx = make_optimizer(tc)
     schedule = lr_schedule(tc)
@@ -209,7 +214,7 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl) -> Programs:
     batch_sh = shd.batch_sharding(mesh, rules, 3, leading=1)
     val_sh = shd.batch_sharding(mesh, rules, 2)
     rep = shd.replicated(mesh)
-    objective = make_objective(tc)
+    objective = objective_impl if custom else make_objective(tc)  # built-in ones: the impl is the key only
     init_fresh = jax.jit(lambda: init_state(cfg, tx), out_shardings=st_sh)
     init_from = jax.jit(lambda p: init_state(cfg, tx, p), out_shardings=st_sh)
     return Programs(
@@ -273,11 +278,14 @@ def build_data(cfg: Config, tokenizer=None):
 class _WorkdirLock:
     """Refuse two live runs on one work dir (a stale lock of a dead process is taken over)."""
 
-    def __init__(self, workdir: Path):
+    def __init__(self, workdir: Path, enabled: bool = True):
         self.path = workdir / LOCK_FILE
         self.held = False
+        self.enabled = enabled  # multi-process runs share the work dir: process 0 holds the lock
 
     def __enter__(self):
+        if not self.enabled:
+            return self
         if self.path.exists():
             try:
                 pid = int(self.path.read_text().strip() or 0)
@@ -409,12 +417,15 @@ def train(
     tokenizer=None,
     hooks: Hooks | None = None,
     devices=None,
+    objective: Callable | None = None,
 ) -> TrainResult:
     """Train (or resume) the run of `cfg` in `workdir`.
 
     train_data: an iterable of this process's micro-batches {"tokens", "segment_ids": int32[B_local, L]} whose
     iterator has get_state()/set_state() (a grain IterDataset); default: `build_data(cfg)`. val_batches: fixed
-    validation micro-batches (default: from `build_data`). Returns a TrainResult; raises TrainingDiverged on a
+    validation micro-batches (default: from `build_data`). objective: a custom `f(model, batch, rng) -> (loss,
+    metrics)` replacing train.objective's (calibration; its `name` attribute, if any, is recorded in the
+    checkpoints so a run is never resumed with another loss). Returns a TrainResult; raises TrainingDiverged on a
     non-finite loss and ConfigError / TrainingError on bad input, before any work where possible.
     """
     import orbax.checkpoint as ocp
@@ -434,16 +445,19 @@ def train(
     val_batches = val_batches or []
 
     workdir.mkdir(parents=True, exist_ok=True)
-    with _WorkdirLock(workdir), _StopOnSignal() as stop:
-        save_config(cfg, workdir / CONFIG_FILE)
-        prog = programs(cfg, mesh)
+    primary = jax.process_index() == 0
+    with _WorkdirLock(workdir, enabled=primary), _StopOnSignal() as stop:
+        if primary:
+            save_config(cfg, workdir / CONFIG_FILE)
+        prog = programs(cfg, mesh, objective)
         graphdef, shapes, st_sh = prog.graphdef, prog.shapes, prog.state_sh
         batch_sh, val_sh = prog.batch_sh, prog.val_sh
         step_fn, eval_fn = prog.train_step, prog.eval_step
 
         mngr = _checkpoint_manager(workdir, cfg)
         it = iter(train_data)
-        meta = {"model": cfg.model.to_dict(), "objective": tc.objective, "seq_len": cfg.data.seq_len}
+        obj_name = getattr(objective, "name", tc.objective) if objective is not None else tc.objective
+        meta = {"model": cfg.model.to_dict(), "objective": obj_name, "seq_len": cfg.data.seq_len}
         start = mngr.latest_step()
         if start is not None:
             r = mngr.restore(start, args=ocp.args.Composite(
@@ -548,8 +562,10 @@ def train(
                     break
                 if step % cc.save_every == 0 and step < tc.steps:
                     last_ckpt = save(step)
-            if status == "completed" and (mngr.latest_step() != step):
+            if status == "completed" and mngr.latest_step() != step:
                 last_ckpt = save(step)
+            if status == "completed" and val_dev and not val:  # resumed a finished run: report it anyway
+                val = evaluate()
             mngr.wait_until_finished()
         finally:
             if bar is not None:
@@ -559,7 +575,7 @@ def train(
             mngr.close()
 
         export = None
-        if status == "completed" and cc.export and jax.process_index() == 0:
+        if status == "completed" and cc.export:  # every process: Orbax saves are collective
             from specdiff_jax.checkpoint import save_pretrained
 
             export = str(workdir / "export")
