@@ -391,3 +391,32 @@ def window_stats(drafter, batches, s: Settings) -> dict:
     return {"expected_streak": float(tot["streak_sum"]) / n, "greedy_streak": float(tot["greedy_sum"]) / n,
             "alpha": (np.asarray(tot["a_sum"]) / np.maximum(np.asarray(tot["prev_sum"]), 1e-30)).tolist(),
             "windows": int(tot["windows"])}
+
+
+def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_new_tokens: int,
+                batch_size: int = 8, draft_temperature: float = 0.0, eos_id: int | None = None,
+                method: str = "specdiff") -> dict:
+    """Run the decode kernel greedily (verifier temperature 0) with `drafter` on `prompts` and aggregate its
+    statistics: tokens_per_verifier_call (emitted tokens / row-rounds), alpha (position-wise acceptance, G
+    floats), mean_accepted, accepted_hist. Greedy output equals the verifier's own greedy decoding, so every
+    drafter is judged on the same token sequences."""
+    from specdiff_jax.decode import Decoder
+
+    if not prompts:
+        raise ValueError("kernel_eval: no prompts")
+    dec = Decoder(verifier, drafter, method=method, max_new_tokens=max_new_tokens, temperature=0.0, gamma=gamma,
+                  draft_temperature=draft_temperature, eos_id=eos_id)
+    hist = np.zeros(gamma + 1, np.int64)
+    acc = np.zeros(gamma, np.int64)
+    tokens, rounds = 0, 0
+    for i in range(0, len(prompts), batch_size):
+        st = dec(prompts[i: i + batch_size], seed=i).stats
+        hist += np.asarray(st["accepted_hist"], np.int64)
+        acc += np.asarray(st["accept_counts"], np.int64)
+        tokens += st["tokens"]
+        rounds += int(np.sum(st["row_verifier_calls"]))
+    reach = np.array([hist[j:].sum() for j in range(gamma)])
+    return {"tokens_per_verifier_call": tokens / max(rounds, 1), "alpha": (acc / np.maximum(reach, 1)).tolist(),
+            "mean_accepted": float(np.dot(np.arange(gamma + 1), hist)) / max(hist.sum(), 1),
+            "accepted_hist": hist.tolist(), "tokens": int(tokens), "verifier_calls": int(rounds),
+            "prompts": len(prompts), "gamma": gamma, "draft_temperature": draft_temperature}
