@@ -510,7 +510,9 @@ def train(
         val: dict[str, float] = {}
         last_ckpt = str(workdir / CHECKPOINT_DIR / str(start)) if mngr.latest_step() is not None else None
         status, step = "completed", start
-        t_last, tok_rate = time.perf_counter(), 0.0
+        # Throughput over the steps since the last log record; the first step of an invocation (compilation) and
+        # evaluation time are left out.
+        t_last, tok_rate, win_tokens, win_time = time.perf_counter(), 0.0, 0, 0.0
         try:
             while step < tc.steps:
                 micro = []
@@ -539,12 +541,17 @@ def train(
                 losses[step] = mvals["loss"]
                 now = time.perf_counter()
                 dt, t_last = now - t_last, now
-                tok_rate = tokens_per_step / dt if tok_rate == 0 else 0.9 * tok_rate + 0.1 * tokens_per_step / dt
+                if step > start + 1:
+                    win_tokens, win_time = win_tokens + tokens_per_step, win_time + dt
+                    tok_rate = win_tokens / win_time
                 if bar is not None:
                     bar.update(1)
                     bar.set_postfix(loss=f"{mvals['loss']:.4f}", tok_s=f"{tok_rate:,.0f}", refresh=False)
                 if step % tc.log_every == 0 or step == tc.steps:
-                    log.write(step, {**mvals, "tokens_per_s": tok_rate, "tokens_seen": tokens_seen}, "")
+                    n_win = win_tokens // tokens_per_step
+                    timing = {"tokens_per_s": win_tokens / win_time, "step_time": win_time / n_win} if n_win else {}
+                    log.write(step, {**mvals, **timing, "tokens_seen": tokens_seen}, "")
+                    win_tokens, win_time = 0, 0.0
                 if val_dev and (step % tc.eval_every == 0 or step == tc.steps):
                     val = evaluate()
                     log.write(step, val, "val_")
