@@ -460,13 +460,28 @@ def train(
         meta = {"model": cfg.model.to_dict(), "objective": obj_name, "seq_len": cfg.data.seq_len}
         start = mngr.latest_step()
         if start is not None:
-            r = mngr.restore(start, args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(_abstract_target(shapes, st_sh)),
-                data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-            if r.meta.get("model") != meta["model"] or r.meta.get("objective") != meta["objective"]:
+            where = workdir / CHECKPOINT_DIR / str(start)
+            try:  # the metadata first: a checkpoint of another model gets a clear message, not a tree diff
+                old = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
+            except Exception as e:  # noqa: BLE001 - orbax raises assorted types on damaged checkpoints
                 mngr.close()
-                raise TrainingError(f"work dir {str(workdir)!r} holds a checkpoint of another model or objective; "
-                                    "use another --workdir (or delete its checkpoints/ to start over)")
+                raise TrainingError(f"cannot read the checkpoint {where} ({type(e).__name__}: {str(e)[:200]}); "
+                                    "delete it to resume from the previous one, or use another --workdir") from None
+            if old.get("model") != meta["model"] or old.get("objective") != meta["objective"]:
+                mngr.close()
+                diff = sorted(k for k in meta["model"] if (old.get("model") or {}).get(k) != meta["model"][k])
+                what = f"model keys {', '.join(diff)} differ" if diff else \
+                    f"objective {old.get('objective')!r} != {meta['objective']!r}"
+                raise TrainingError(f"work dir {str(workdir)!r} holds a checkpoint of another run ({what}); use "
+                                    "another --workdir, or delete its checkpoints/ to start over")
+            try:
+                r = mngr.restore(start, args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(_abstract_target(shapes, st_sh)),
+                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            except Exception as e:  # noqa: BLE001
+                mngr.close()
+                raise TrainingError(f"cannot restore the checkpoint {where} ({type(e).__name__}: {str(e)[:200]}); "
+                                    "delete it to resume from the previous one, or use another --workdir") from None
             state = r.state
             if r.data is not None:
                 it.set_state(r.data)

@@ -150,6 +150,15 @@ def test_outputs_of_a_run(resumed):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_resume_with_another_model_is_refused_clearly(resumed):
+    cfg, _, _, _, full_dir, _ = resumed
+    import dataclasses
+
+    other = cfg.replace(model=dataclasses.replace(cfg.model, num_layers=2))
+    with pytest.raises(TrainingError, match=r"holds a checkpoint of another run \(model keys num_layers differ\)"):
+        train(other, full_dir, train_data=dataset(*make_rows()), val_batches=[])
+
+
 # --- cross-topology restore ---------------------------------------------------------------------------
 
 _CHILD = textwrap.dedent("""
