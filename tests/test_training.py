@@ -322,16 +322,22 @@ def test_mdlm_two_stream_equals_inference_layout():
 
     @jax.jit
     def two_stream(s, toks, seg):
-        nz = objectives.mdlm_noise(jax.random.PRNGKey(2), toks, seg, mask_id=63, block_size=4)
+        rng = jax.random.PRNGKey(2)
+        nz = objectives.mdlm_noise(rng, toks, seg, mask_id=63, block_size=4)
         pos, mask = objectives.two_stream_layout(seg, nz["block"], document_masking=False)
         logits, _, _ = nnx.merge(g, s).forward(jnp.concatenate([toks, nz["noisy"]], 1), pos, mask)
-        return logits[:, T:], nz
+        # mdlm_loss takes its logits without the clean half's LM head: the same numbers
+        want, _ = objectives.mdlm_loss_from_logits(logits[:, T:], toks, nz["masked"], nz["t"], seg != 0)
+        got, _ = objectives.mdlm_loss(nnx.merge(g, s), {"tokens": toks, "segment_ids": seg}, rng,
+                                      document_masking=False)
+        return logits[:, T:], nz, want, got
 
     @functools.partial(jax.jit, static_argnums=2)
     def inference(s, x, p):
         return nnx.merge(g, s)(x, prefix_len=p)
 
-    logits, nz = two_stream(state, toks, seg)
+    logits, nz, want, got = two_stream(state, toks, seg)
+    np.testing.assert_allclose(float(got), float(want), rtol=1e-6)
     checked = 0
     for b in range(1):
         blk = np.asarray(nz["block"][b])
