@@ -370,6 +370,33 @@ def test_ar_document_masking_equals_separate_documents():
     np.testing.assert_allclose(float(loss), float(want), rtol=1e-5)
 
 
+def test_gradient_accumulation_equals_one_big_batch():
+    from specdiff_jax.configs import TrainConfig
+    from specdiff_jax.training import lr_schedule, make_optimizer, make_train_step
+
+    cfg = _drafter_cfg(attention="causal", mask_token_id=None)
+    model = Transformer(cfg, rngs=nnx.Rngs(0))
+    g = nnx.graphdef(model)
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    tc = TrainConfig(steps=10, warmup_steps=0, lr=1e-2)
+    tx = make_optimizer(tc)
+    step = jax.jit(make_train_step(g, functools.partial(objectives.ar_loss, document_masking=True), tx,
+                                   lr_schedule(tc)))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
+    toks, seg = make_rows(4)  # every row has the same number of targets: the mean of means is the mean
+    toks = toks % 64
+    one, m1 = step(state, {"tokens": toks[None], "segment_ids": seg[None]})
+    two, m2 = step(state, {"tokens": toks.reshape(2, 2, L), "segment_ids": seg.reshape(2, 2, L)})
+    np.testing.assert_allclose(float(m2["loss"]), float(m1["loss"]), rtol=1e-6)
+    assert int(m1["tokens"]) == int(m2["tokens"])
+    np.testing.assert_allclose(float(m2["grad_norm"]), float(m1["grad_norm"]), rtol=1e-5)
+    # Adam's first update is about lr * sign(g): summation-order noise shows only where g is ~0
+    for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(two["params"])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    moved = max(float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(one["params"]), jax.tree.leaves(params)))
+    assert moved > 1e-3  # the update happened
+
+
 # --- sharding rules -----------------------------------------------------------------------------------
 
 
