@@ -76,9 +76,12 @@ def teacher_probs(logits: Array, temperature: float, *, num_sampleable: int | No
     return jax.nn.softmax(z / temperature, axis=-1)
 
 
+LQ_FLOOR = -100.0  # log q of a target the drafter can never draft (mask id, padded rows): finite, no gradient
+
+
 def target_logprobs(logq: Array, targets: Array) -> Array:
-    """lq[..., j] = logq[..., j, targets[..., j]]: logq f32[..., G, V], targets int32[..., G] -> f32[..., G]."""
-    return jnp.take_along_axis(logq, targets[..., None], axis=-1)[..., 0]
+    """lq[..., j] = max(logq[..., j, targets[..., j]], LQ_FLOOR): logq f32[..., G, V], targets int32[..., G]."""
+    return jnp.maximum(jnp.take_along_axis(logq, targets[..., None], axis=-1)[..., 0], LQ_FLOOR)
 
 
 # ======================================================================================================
@@ -311,8 +314,9 @@ def window_forward(s: Settings, drafter, tokens: Array, segment_ids: Array, rng:
             raise ConfigError(f"calibrate.loss={s.loss} needs the verifier (calibrate.verifier=<model dir>)")
         vl = jax.lax.stop_gradient(verifier_window_logits(verifier, tokens, lay["positions"]))
         V = logq.shape[-1]
+        # The teacher is restricted to ids the drafter may draft (never its mask id), so KL(p || q) is finite.
         p = teacher_probs(vl[..., :V], s.verifier_temperature, num_sampleable=s.num_sampleable,
-                          exclude=s.verifier_exclude)
+                          exclude=tuple(s.verifier_exclude) + (s.mask_id,))
         out.update(p=p.reshape(N, G, -1), logq=logq.reshape(N, G, -1))
     return out
 

@@ -34,7 +34,7 @@ def parse_args(argv=None):
     p.add_argument("--no-eval", action="store_true", help="skip the final held-out / kernel evaluation")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides; loss=X means calibrate.loss=X")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)
 
 
 def _overrides(args) -> list[str]:

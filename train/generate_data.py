@@ -191,7 +191,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.generate_data", description=__doc__.split("\n\n")[0])
     p.add_argument("--config", default=None, help="YAML run config with a generate section")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)
     from specdiff_jax.checkpoint import CheckpointError
     from specdiff_jax.config import ConfigError
     from specdiff_jax.configs import load_config
