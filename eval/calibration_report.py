@@ -103,12 +103,14 @@ def plot_alpha(path: Path, rows: list[dict], title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.2))
+    top = 0.0
     for r in rows:
-        a = r["alpha"]
+        a = [float("nan") if x is None else x for x in r["alpha"]]
+        top = max([top] + [x for x in a if x == x])
         ax.plot(range(1, len(a) + 1), a, marker="o", ms=3, label=f"{r['drafter']} (tau {r['tokens_per_verifier_call']:.2f})")
     ax.set_xlabel("draft position j")
     ax.set_ylabel("alpha_j = P(accept j | 1..j-1 accepted)")
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, min(1.0, max(0.1, 1.15 * top)))
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -127,14 +129,18 @@ def render(rows: list[dict], windows: dict, meta: dict) -> str:
              f"| drafter | draft temp | tokens / verifier call | vs base | mean accepted | alpha_1 | alpha_{mid} | "
              f"alpha_{G} | mean alpha_j, j >= {mid} |",
              "|---|---|---|---|---|---|---|---|---|"]
+    def f(x):
+        return "-" if x is None else f"{x:.3f}"
+
     for r in rows:
         a = r["alpha"]
+        seen = [x for x in a[mid - 1:] if x is not None]
         rel = ""
         if base is not None and r["draft_temperature"] == base["draft_temperature"]:
             rel = f"{100 * (r['tokens_per_verifier_call'] / base['tokens_per_verifier_call'] - 1):+.1f}%"
         lines.append(f"| {r['drafter']} | {r['draft_temperature']:g} | {r['tokens_per_verifier_call']:.3f} | {rel} | "
-                     f"{r['mean_accepted']:.3f} | {a[0]:.3f} | {a[mid - 1]:.3f} | {a[G - 1]:.3f} | "
-                     f"{sum(a[mid - 1:]) / len(a[mid - 1:]):.3f} |")
+                     f"{r['mean_accepted']:.3f} | {f(a[0])} | {f(a[mid - 1])} | {f(a[G - 1])} | "
+                     f"{f(sum(seen) / len(seen) if seen else None)} |")
     if windows:
         lines += ["", "Held-out calibration windows (q-drafts judged by verifier samples):", "",
                   "| drafter | expected streak | greedy streak | alpha_1 |", "|---|---|---|---|"]
@@ -168,7 +174,7 @@ def run(args, log=print) -> dict:
             k.update(drafter=name, path=pairs[name], seconds=round(time.perf_counter() - t0, 2))
             rows.append(k)
             log(f"{name} (draft temp {t:g}): {k['tokens_per_verifier_call']:.3f} tokens/verifier call, "
-                f"alpha_1 {k['alpha'][0]:.3f} ({k['seconds']:.0f}s)")
+                f"alpha_1 {k['alpha'][0] or 0:.3f} ({k['seconds']:.0f}s)")
     windows = {}
     if args.windows:
         from specdiff_jax.data import verifier_data as vd

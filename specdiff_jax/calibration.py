@@ -420,7 +420,8 @@ def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_
         tokens += st["tokens"]
         rounds += int(np.sum(st["row_verifier_calls"]))
     reach = np.array([hist[j:].sum() for j in range(gamma)])
-    return {"tokens_per_verifier_call": tokens / max(rounds, 1), "alpha": (acc / np.maximum(reach, 1)).tolist(),
+    alpha = [float(a) / r if r else None for a, r in zip(acc, reach)]  # None: position never judged
+    return {"tokens_per_verifier_call": tokens / max(rounds, 1), "alpha": alpha, "reach": reach.tolist(),
             "mean_accepted": float(np.dot(np.arange(gamma + 1), hist)) / max(hist.sum(), 1),
             "accepted_hist": hist.tolist(), "tokens": int(tokens), "verifier_calls": int(rounds),
             "prompts": len(prompts), "gamma": gamma, "draft_temperature": draft_temperature}

@@ -293,3 +293,6 @@ def test_calibration_steps_raise_the_expected_streak_on_training_windows(calib_s
     assert ev["loss"] == "streak" and len(ev["windows"]["calibrated"]["alpha"]) == 4
     k = ev["kernel"]["calibrated"]
     assert k["prompts"] == 2 and 1.0 <= k["tokens_per_verifier_call"] <= 5.0 and len(k["alpha"]) == 4
+    # The work dir is bound to its loss: resuming it with another one is refused before any training.
+    assert calibrate.main(_args(tmp, "streak", "loss=ce_streak", "--no-eval")) == 1
+    assert len((tmp / "streak" / "metrics.jsonl").read_text().splitlines()) == len(recs)
