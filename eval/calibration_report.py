@@ -120,7 +120,7 @@ def plot_alpha(path: Path, rows: list[dict], title: str) -> None:
 
 
 def render(rows: list[dict], windows: dict, meta: dict) -> str:
-    base = next((r for r in rows if r["drafter"] == "base"), None)
+    base = {r["draft_temperature"]: r for r in rows if r["drafter"] == "base"}
     G = meta["gamma"]
     mid = max(G // 2, 1)
     lines = [f"# Calibration report", "",
@@ -136,8 +136,9 @@ def render(rows: list[dict], windows: dict, meta: dict) -> str:
         a = r["alpha"]
         seen = [x for x in a[mid - 1:] if x is not None]
         rel = ""
-        if base is not None and r["draft_temperature"] == base["draft_temperature"]:
-            rel = f"{100 * (r['tokens_per_verifier_call'] / base['tokens_per_verifier_call'] - 1):+.1f}%"
+        b = base.get(r["draft_temperature"])
+        if b is not None:
+            rel = f"{100 * (r['tokens_per_verifier_call'] / b['tokens_per_verifier_call'] - 1):+.1f}%"
         lines.append(f"| {r['drafter']} | {r['draft_temperature']:g} | {r['tokens_per_verifier_call']:.3f} | {rel} | "
                      f"{r['mean_accepted']:.3f} | {f(a[0])} | {f(a[mid - 1])} | {f(a[G - 1])} | "
                      f"{f(sum(seen) / len(seen) if seen else None)} |")

@@ -296,3 +296,18 @@ def test_calibration_steps_raise_the_expected_streak_on_training_windows(calib_s
     # The work dir is bound to its loss: resuming it with another one is refused before any training.
     assert calibrate.main(_args(tmp, "streak", "loss=ce_streak", "--no-eval")) == 1
     assert len((tmp / "streak" / "metrics.jsonl").read_text().splitlines()) == len(recs)
+
+
+def test_report_table_and_alpha_plot(tmp_path):
+    from eval.calibration_report import plot_alpha, render
+
+    rows = [{"drafter": "base", "draft_temperature": 0.0, "tokens_per_verifier_call": 2.0, "mean_accepted": 1.0,
+             "alpha": [0.5, 0.2, None, None]},
+            {"drafter": "streak", "draft_temperature": 0.0, "tokens_per_verifier_call": 3.0, "mean_accepted": 2.0,
+             "alpha": [0.6, 0.5, 0.4, 0.3]}]
+    md = render(rows, {}, {"verifier": "v", "gamma": 4, "num_prompts": 3, "max_new_tokens": 8,
+                           "prompt_sources": "3 humaneval"})
+    assert "| base | 0 | 2.000 | +0.0% | 1.000 | 0.500 | 0.200 | - | 0.200 |" in md
+    assert "| streak | 0 | 3.000 | +50.0% | 2.000 | 0.600 | 0.500 | 0.300 | 0.400 |" in md
+    plot_alpha(tmp_path / "alpha.png", rows, "test")
+    assert (tmp_path / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
