@@ -66,13 +66,40 @@ def probs(
     return p
 
 
-def sample(key: Array, p: Array, shape: tuple[int, ...] | None = None) -> Array:
-    """Draw int32 ids from probabilities p[..., V]; zero-probability ids are never drawn.
+def cumsum_last(p: Array, block: int = 128) -> Array:
+    """Cumulative sum over the last axis.
 
-    shape: output shape (must broadcast p's batch shape), default p.shape[:-1].
+    For large vocabularies a two-level blocked sum (a [block, block] triangular matmul inside blocks plus a short
+    cumsum over block totals) replaces XLA's associative-scan cumsum, which is slow on CPU.
     """
-    logp = jnp.where(p > 0, jnp.log(jnp.maximum(p, 1e-38)), -jnp.inf)
-    return jax.random.categorical(key, logp, axis=-1, shape=shape).astype(jnp.int32)
+    V = p.shape[-1]
+    if V <= 2 * block:
+        return jnp.cumsum(p, axis=-1)
+    nb = -(-V // block)
+    pp = jnp.pad(p, [(0, 0)] * (p.ndim - 1) + [(0, nb * block - V)]).reshape(p.shape[:-1] + (nb, block))
+    tri = jnp.triu(jnp.ones((block, block), p.dtype))  # tri[j, i] = 1 for j <= i
+    within = jnp.einsum("...bj,ji->...bi", pp, tri, precision=jax.lax.Precision.HIGHEST)
+    offsets = jnp.cumsum(within[..., -1], axis=-1) - within[..., -1]
+    return (within + offsets[..., None]).reshape(p.shape[:-1] + (nb * block,))[..., :V]
+
+
+def sample(key: Array, p: Array, shape: tuple[int, ...] | None = None) -> Array:
+    """Draw int32 ids from probabilities p[..., V] (need not be normalised); zero-probability ids are never drawn.
+
+    shape: output shape (must broadcast p's batch shape), default p.shape[:-1]. Inverse-CDF sampling: one
+    uniform per draw (the Gumbel trick of jax.random.categorical needs V of them, which dominates a decode
+    round on CPU for large vocabularies).
+    """
+    shape = p.shape[:-1] if shape is None else tuple(shape)
+    c = cumsum_last(p.astype(jnp.float32))
+    u = 1.0 - jax.random.uniform(key, shape)  # (0, 1]
+    t = u * c[..., -1]
+    c_b = jnp.broadcast_to(c, shape + c.shape[-1:])
+    idx = jnp.minimum(jnp.sum(c_b < t[..., None], axis=-1), p.shape[-1] - 1).astype(jnp.int32)
+    # rounding can (with probability ~1e-7) land on a zero-probability id: fall back to the mode
+    p_b = jnp.broadcast_to(p, shape + p.shape[-1:])
+    hit = jnp.take_along_axis(p_b, idx[..., None], axis=-1)[..., 0] > 0
+    return jnp.where(hit, idx, jnp.argmax(p_b, axis=-1).astype(jnp.int32))
 
 
 def normalize(r: Array, fallback: Array) -> Array:

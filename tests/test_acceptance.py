@@ -62,6 +62,16 @@ def test_sample_never_draws_zero_probability_ids():
     assert set(np.unique(x)) == {1, 3}
 
 
+def test_sample_frequencies_large_vocab():
+    # V > 256 takes the blocked-cumsum path; first, last and a mid-block id; chi-square, false alarm 1e-4
+    V, ids, w = 1000, [0, 500, 999], np.array([0.2, 0.5, 0.3])
+    p = jnp.zeros(V).at[jnp.array(ids)].set(jnp.asarray(w, jnp.float32))
+    x = np.asarray(jax.jit(lambda k: sample(k, p, shape=(100000,)))(KEY))
+    assert set(np.unique(x)) <= set(ids)
+    counts = np.array([(x == i).sum() for i in ids])
+    assert stats.chisquare(counts, w * len(x)).pvalue > 1e-4
+
+
 # --- single-chain rules on hand-made distributions ----------------------------------------------------
 def test_greedy_by_hand():
     # row 0 accepts all 3 drafts, bonus 4; row 1 accepts 1, then emits argmax p_2 = 3
