@@ -159,6 +159,20 @@ def test_resume_with_another_model_is_refused_clearly(resumed):
         train(other, full_dir, train_data=dataset(*make_rows()), val_batches=[])
 
 
+def test_init_from_an_exported_model(resumed, tmp_path):
+    cfg, full, _, _, full_dir, _ = resumed
+    import dataclasses
+
+    warm = cfg.replace(train=dataclasses.replace(cfg.train, init_from=str(full_dir / "export")))
+    r = train(warm, tmp_path / "warm", train_data=dataset(*make_rows()), val_batches=[])
+    assert r.status == "completed" and sorted(r.losses) == [1, 2, 3, 4, 5, 6]
+    assert r.losses[1] < full.losses[1] - 0.1  # starts from the trained weights, not a fresh init
+    bigger = cfg.replace(model=dataclasses.replace(cfg.model, hidden_size=64),
+                         train=dataclasses.replace(cfg.train, init_from=str(full_dir / "export")))
+    with pytest.raises(ConfigError, match=r"init_from=.* is a model of another shape .*hidden_size"):
+        train(bigger, tmp_path / "bigger", train_data=dataset(*make_rows()), val_batches=[])
+
+
 # --- cross-topology restore ---------------------------------------------------------------------------
 
 _CHILD = textwrap.dedent("""
