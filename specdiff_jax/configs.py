@@ -549,8 +549,15 @@ def _validate_calibrate(cfg: Config, bad) -> None:
         bad("calibrate.verifier", c.verifier, f"calibrate.loss={c.loss} distils the verifier: set its model dir")
 
 
+class _Dumper(yaml.SafeDumper):
+    """Mappings in block style (one key per line), lists inline (`[batch, [data, fsdp]]`)."""
+
+
+_Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+
+
 def to_yaml(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False, default_flow_style=None)
+    return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
