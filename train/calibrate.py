@@ -171,6 +171,9 @@ def run(cfg, *, evaluate_after: bool = True, log=print):
             log("note: the dataset has no validation split: no held-out windows during training")
     result = train(cfg, cfg.workdir, train_data=train_ds, val_batches=val_batches, objective=objective)
     ev = None
+    if evaluate_after and not val_batches:
+        log("note: no held-out windows (data.val_batches=0 or no validation split): final evaluation skipped")
+        evaluate_after = False
     if evaluate_after and result.status == "completed" and result.export and jax.process_index() == 0:
         drafter = load_pretrained(result.export)
         base = load_pretrained(cfg.train.init_from)
