@@ -29,6 +29,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from specdiff_jax.configs import _plain
+
 JAX_METHODS = ("ar", "sps", "specdiff", "specdiff2")
 HF_METHODS = ("hf_generate", "hf_assisted")
 ALL_METHODS = JAX_METHODS + HF_METHODS
@@ -696,14 +698,6 @@ def render_markdown(result: dict, plots: list[str]) -> str:
         parts += ["## Notes", *[f"- {n}" for n in result["notes"]], ""]
     parts += ["Plots: " + ", ".join(plots)]
     return "\n".join(parts) + "\n"
-
-
-def _plain(x):
-    if isinstance(x, dict):
-        return {k: _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    return x
 
 
 def main(argv=None) -> int:

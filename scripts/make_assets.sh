@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Reproduce the embedded default models in assets/tiny/ from scratch (make assets).
+#   1. corpus + tokenizer (scripts/prepare_data.sh)
+#   2. pre-training: verifier (ar), base diffusion drafter (mdlm), AR drafter (ar)
+#   3. calibration: verifier-sampled data, streak-distilled drafter, KD baseline drafter
+#   4. copy the exports into assets/tiny/ and write assets/tiny/MANIFEST.json
+# Step counts come from the environment so a short run can reproduce the pipeline quickly; the defaults are the
+# counts of the shipped models (see MANIFEST.json for the exact commands each shipped model was made with).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+RUNS=${RUNS:-runs}
+VERIFIER_STEPS=${VERIFIER_STEPS:-280}
+DRAFTER_STEPS=${DRAFTER_STEPS:-300}
+AR_DRAFTER_STEPS=${AR_DRAFTER_STEPS:-400}
+CALIB_STEPS=${CALIB_STEPS:-200}
+GEN_PROMPTS=${GEN_PROMPTS:-256}
+
+bash scripts/prepare_data.sh data
+"$PY" -m train.pretrain --config configs/models/tiny_verifier.yaml --workdir "$RUNS/verifier" \
+    model.num_layers=6 train.steps="$VERIFIER_STEPS" train.warmup_steps=100 train.lr=2e-3
+"$PY" -m train.pretrain --config configs/models/tiny_drafter.yaml --workdir "$RUNS/drafter_base" \
+    data.seq_len=256 data.batch_size=8 train.steps="$DRAFTER_STEPS" train.warmup_steps=80
+"$PY" -m train.pretrain --config configs/models/tiny_ar_drafter.yaml --workdir "$RUNS/drafter_ar" \
+    train.steps="$AR_DRAFTER_STEPS" train.warmup_steps=60
+"$PY" scripts/write_manifest.py --stage base --runs "$RUNS"
+"$PY" -m train.generate_data --config configs/calibrate/generate_tiny.yaml generate.num_prompts="$GEN_PROMPTS"
+for loss in streak kd_window; do
+  "$PY" -m train.calibrate --config configs/calibrate/tiny.yaml --workdir "$RUNS/drafter_$loss" loss=$loss \
+      train.steps="$CALIB_STEPS"
+done
+"$PY" scripts/write_manifest.py --stage calibrated --runs "$RUNS"
