@@ -122,7 +122,8 @@ def load_params(path: str | Path, abstract_state: Any) -> Any:
     """
     import orbax.checkpoint as ocp
 
-    path = Path(path)
+    # Orbax 0.12 cannot read the item metadata of a checkpoint named by a relative path: always absolute.
+    path = Path(path).absolute()
     params_dir = path / PARAMS_DIR if (path / PARAMS_DIR).is_dir() else path
     _check_exists(params_dir)
     is_state = isinstance(abstract_state, nnx.State)

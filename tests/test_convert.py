@@ -124,6 +124,10 @@ def test_our_format_roundtrip_and_dtype(tmp_path, tokens):
     assert m2.cfg == m.cfg
     np.testing.assert_array_equal(ours(m2, tokens), ours(m, tokens))
     assert load_metadata(tmp_path / "ours") == {"step": 7, "note": "x"}
+    # a relative path loads too (orbax alone cannot read item metadata through one)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(tmp_path)
+        np.testing.assert_array_equal(ours(load_pretrained("ours"), tokens), ours(m, tokens))
     # saving again over the same directory replaces the parameters
     save_pretrained(m2, tmp_path / "ours")
     np.testing.assert_array_equal(ours(load_pretrained(tmp_path / "ours"), tokens), ours(m, tokens))
