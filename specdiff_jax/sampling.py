@@ -11,8 +11,11 @@ greedy, p/q and delta rules all reduce to exact greedy decoding).
 
 from __future__ import annotations
 
+import math
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 Array = jax.Array
 _NEG = -1e30
@@ -86,20 +89,32 @@ def cumsum_last(p: Array, block: int = 128) -> Array:
 def sample(key: Array, p: Array, shape: tuple[int, ...] | None = None) -> Array:
     """Draw int32 ids from probabilities p[..., V] (need not be normalised); zero-probability ids are never drawn.
 
-    shape: output shape (must broadcast p's batch shape), default p.shape[:-1]. Inverse-CDF sampling: one
-    uniform per draw (the Gumbel trick of jax.random.categorical needs V of them, which dominates a decode
-    round on CPU for large vocabularies).
+    shape: output shape, default p.shape[:-1]; p's batch dims must equal shape's or be 1 (then that many
+    independent draws share the distribution, e.g. K drafts from one set of marginals). Inverse-CDF sampling
+    with a binary search: one uniform per draw (jax.random.categorical's Gumbel trick needs V of them, which
+    dominated a decode round on CPU) and no [draws, V] intermediate.
     """
-    shape = p.shape[:-1] if shape is None else tuple(shape)
-    c = cumsum_last(p.astype(jnp.float32))
+    bs = p.shape[:-1]
+    shape = bs if shape is None else tuple(shape)
+    V = p.shape[-1]
+    nd = len(shape)
+    bs = (1,) * (nd - len(bs)) + tuple(bs)
+    p = p.reshape(bs + (V,))
+    rep = [i for i in range(nd) if bs[i] == 1 and shape[i] != 1]  # axes drawn repeatedly from one distribution
+    keep = [i for i in range(nd) if i not in rep]
     u = 1.0 - jax.random.uniform(key, shape)  # (0, 1]
-    t = u * c[..., -1]
-    c_b = jnp.broadcast_to(c, shape + c.shape[-1:])
-    idx = jnp.minimum(jnp.sum(c_b < t[..., None], axis=-1), p.shape[-1] - 1).astype(jnp.int32)
+    kshape = tuple(shape[i] for i in keep)
+    R, M = math.prod(kshape), math.prod(shape[i] for i in rep)
+    p2 = jnp.broadcast_to(jnp.squeeze(p, axis=tuple(rep)), kshape + (V,)).reshape(R, V).astype(jnp.float32)
+    c = cumsum_last(p2)
+    t = jnp.transpose(u, keep + rep).reshape(R, M) * c[:, -1:]
+    idx = jax.vmap(lambda cr, tr: jnp.searchsorted(cr, tr, side="left"))(c, t)  # first i with c[i] >= t
+    idx = jnp.minimum(idx, V - 1).astype(jnp.int32)
     # rounding can (with probability ~1e-7) land on a zero-probability id: fall back to the mode
-    p_b = jnp.broadcast_to(p, shape + p.shape[-1:])
-    hit = jnp.take_along_axis(p_b, idx[..., None], axis=-1)[..., 0] > 0
-    return jnp.where(hit, idx, jnp.argmax(p_b, axis=-1).astype(jnp.int32))
+    hit = jnp.take_along_axis(p2, idx, axis=-1) > 0
+    idx = jnp.where(hit, idx, jnp.argmax(p2, axis=-1)[:, None].astype(jnp.int32))
+    idx = idx.reshape(kshape + tuple(shape[i] for i in rep))
+    return jnp.transpose(idx, np.argsort(keep + rep).tolist())
 
 
 def normalize(r: Array, fallback: Array) -> Array:
