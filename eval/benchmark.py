@@ -660,9 +660,9 @@ def _best_settings(rows: list[dict]) -> list[dict]:
             continue
         if r["method"] not in best or r["tokens_per_s"] > best[r["method"]]["tokens_per_s"]:
             best[r["method"]] = r
-    return [{k: r.get(k) for k in ("method", "gamma", "num_drafts", "draft_temperature", "denoise_steps",
-                                    "tokens_per_s", "speedup_vs_ar", "tokens_per_verifier_call", "sweep")}
-            for r in best.values()]
+    keys = ("method", "gamma", "num_drafts", "draft_temperature", "denoise_steps", "tokens_per_s", "speedup_vs_ar",
+            "tokens_per_verifier_call")
+    return [{**{k: r.get(k) for k in keys}, "source": "sweep" if r["sweep"] else "main run"} for r in best.values()]
 
 
 def render_markdown(result: dict, plots: list[str]) -> str:
@@ -683,7 +683,7 @@ def render_markdown(result: dict, plots: list[str]) -> str:
     parts += ["## Best setting per method (temperature 0, batch 1)",
               table(result["best_settings"], ("method", "gamma", "num_drafts", "draft_temperature",
                                               "denoise_steps", "tokens_per_s", "speedup_vs_ar",
-                                              "tokens_per_verifier_call", "sweep")), ""]
+                                              "tokens_per_verifier_call", "source")), ""]
     if result["budget"]:
         budgets = sorted({b["budget_s"] for b in result["budget"]})
         methods = list(dict.fromkeys(b["method"] for b in result["budget"]))
