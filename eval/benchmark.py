@@ -268,7 +268,7 @@ def run_jax_method(method: str, models: dict, prompts: list[dict], *, temperatur
             raw = dec.decode_raw(state, seed + r)
             jax.block_until_ready(raw)
             t2 = time.perf_counter()
-            out = _to_output(dec, raw)
+            out = dec.output(raw)
             ntok = int(out.lengths.sum())
             tps.append(ntok / (t2 - t1))
             prefill_s.append(t1 - t0)
@@ -313,15 +313,6 @@ def run_jax_method(method: str, models: dict, prompts: list[dict], *, temperatur
     }
     row.update(_time_split(method, models, dec, batch, prompts, max_new_tokens, agg, total_decode))
     return {"row": row, "outputs": outputs}
-
-
-def _to_output(dec, raw):
-    import jax
-
-    from specdiff_jax.decode import GenerateOutput
-
-    tokens, lengths, st = jax.device_get(raw)
-    return GenerateOutput(np.asarray(tokens), np.asarray(lengths), dec._stats(st, np.asarray(lengths)))
 
 
 def _time_split(method, models, dec, batch, prompts, max_new_tokens, agg, total_decode) -> dict:

@@ -570,8 +570,12 @@ class Decoder:
         return dec(self._vstate, self._dstate, state["carry"], key)
 
     def decode(self, state: dict, seed: int = 0) -> GenerateOutput:
-        tokens, lengths, st = jax.device_get(self.decode_raw(state, seed))
-        return GenerateOutput(np.asarray(tokens), np.asarray(lengths), self._stats(st, lengths))
+        return self.output(self.decode_raw(state, seed))
+
+    def output(self, raw) -> GenerateOutput:
+        """The GenerateOutput (host arrays + statistics) of a `decode_raw` result."""
+        tokens, lengths, st = jax.device_get(raw)
+        return GenerateOutput(np.asarray(tokens), np.asarray(lengths), self._stats(st, np.asarray(lengths)))
 
     def __call__(self, prompts, seed: int = 0) -> GenerateOutput:
         return self.decode(self.prefill(prompts), seed)

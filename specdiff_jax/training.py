@@ -620,3 +620,29 @@ def _load_init(cfg: Config, path: str) -> dict:
             raise ConfigError(f"train.init_from={path!r} is a model of another shape ({ {k: diff[k] for k in set(diff) & shape_keys} } "
                               "as (checkpoint, config)); make the model config match it")
     return nnx.to_pure_dict(nnx.state(m, nnx.Param))
+
+
+def run_program(body: Callable[[], Any]) -> tuple[int | None, Any]:
+    """Run the body of a training program (train.pretrain, train.calibrate) with one-line errors.
+
+    Returns (exit status, None) when it failed: 2 for inputs a user can fix (config, paths, tokenizer, corpus,
+    checkpoints), 1 for a run that stopped (e.g. a NaN loss); otherwise (None, body's value).
+    """
+    import sys
+
+    from specdiff_jax.checkpoint import CheckpointError
+    from specdiff_jax.data.corpus import CorpusError
+    from specdiff_jax.tokenizer import TokenizerError
+
+    try:
+        return None, body()
+    except (ConfigError, FileNotFoundError, NotADirectoryError, TokenizerError, CorpusError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2, None
+    except TrainingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1, None
+
+
+def interrupted_message(result: "TrainResult") -> str:
+    return f"interrupted at step {result.step}; checkpoint {result.checkpoint}; rerun the same command to resume"

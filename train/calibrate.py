@@ -201,19 +201,14 @@ def main(argv=None) -> int:
     if not cfg.workdir:
         print("error: no work dir: pass --workdir DIR (or workdir=DIR)", file=sys.stderr)
         return 2
-    from specdiff_jax.checkpoint import CheckpointError
-    from specdiff_jax.training import TrainingError
+    from specdiff_jax.training import interrupted_message, run_program
 
-    try:
-        result, ev = run(cfg, evaluate_after=not args.no_eval)
-    except (ConfigError, FileNotFoundError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    status, out = run_program(lambda: run(cfg, evaluate_after=not args.no_eval))
+    if status is not None:
+        return status
+    result, _ = out
     if result.status == "interrupted":
-        print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}; rerun the same command to resume")
+        print(interrupted_message(result))
         return 0
     val = f", held-out {cfg.calibrate.loss} loss {result.val['loss']:.4f}" if result.val else ""
     print(f"done: {result.step} steps{val}; model exported to {result.export}")

@@ -41,25 +41,13 @@ def main(argv=None) -> int:
         print("error: no work dir: pass --workdir DIR (or workdir=DIR)", file=sys.stderr)
         return 2
 
-    from specdiff_jax.training import TrainingError, train
+    from specdiff_jax.training import interrupted_message, run_program, train
 
-    user_errors: tuple[type[BaseException], ...] = (ConfigError, FileNotFoundError, NotADirectoryError)
-    for mod, name in (("specdiff_jax.tokenizer", "TokenizerError"), ("specdiff_jax.data.corpus", "CorpusError"),
-                      ("specdiff_jax.checkpoint", "CheckpointError")):
-        try:
-            user_errors += (getattr(__import__(mod, fromlist=[name]), name),)
-        except (ImportError, AttributeError):
-            pass
-    try:
-        result = train(cfg, cfg.workdir)
-    except user_errors as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    status, result = run_program(lambda: train(cfg, cfg.workdir))
+    if status is not None:
+        return status
     if result.status == "interrupted":
-        print(f"interrupted at step {result.step}; checkpoint {result.checkpoint}; rerun the same command to resume")
+        print(interrupted_message(result))
         return 0
     val = f", validation loss {result.val['loss']:.4f} ({result.val['bits_per_token']:.4f} bits/token)" \
         if result.val else ""
