@@ -88,7 +88,13 @@ def load_bench_config(path: str | None, overrides: list[str]) -> BenchConfig:
         p = Path(path)
         if not p.is_file():
             raise BenchError(f"benchmark config {path!r} does not exist; try configs/bench/tiny.yaml")
-        raw = yaml.safe_load(p.read_text()) or {}
+        try:
+            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError as e:
+            raise BenchError(f"benchmark config {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); pass a "
+                             "YAML file such as configs/bench/tiny.yaml") from None
+        except yaml.YAMLError as e:
+            raise BenchError(f"benchmark config {path!r} is not valid YAML ({str(e)[:200]})") from None
         if not isinstance(raw, dict):
             raise BenchError(f"benchmark config {path!r} must be a YAML mapping of key: value")
     cli, _ = parse_overrides(overrides)
@@ -144,16 +150,44 @@ def load_prompts(cfg: BenchConfig, tok) -> tuple[list[dict], int]:
         if not vf.is_file():
             raise BenchError(f"validation_prompts={cfg.validation_prompts} but validation_file {vf} does not exist; "
                              "set validation_prompts=0 or point validation_file at a JSONL of {\"text\": ...}")
-        lines = [json.loads(x) for x in vf.read_text().splitlines() if x.strip()]
-        for i, row in enumerate(lines[: cfg.validation_prompts]):
-            prompts.append({"source": "validation", "id": f"val/{i}", "text": row["text"], "problem": None})
+        try:
+            lines = [json.loads(x)["text"] for x in vf.read_text(encoding="utf-8").splitlines() if x.strip()]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise BenchError(f"validation_file {str(vf)!r} is not a UTF-8 JSONL file of {{\"text\": ...}} lines "
+                             f"({type(e).__name__}: {str(e)[:120]}); fix it or set validation_prompts=0") from None
+        for i, text in enumerate(lines[: cfg.validation_prompts]):
+            prompts.append({"source": "validation", "id": f"val/{i}", "text": text, "problem": None})
     cut = 0
     for p in prompts:
         ids = tok.encode(p["text"])
         if len(ids) > cfg.max_prompt_tokens:
             ids, cut = ids[-cfg.max_prompt_tokens:], cut + 1
         p["ids"] = ids
+        if not ids:
+            raise BenchError(f"prompt {p['id']} ({p['source']}) encodes to no tokens; every prompt needs at least "
+                             "one: remove it from validation_file")
     return prompts, cut
+
+
+def preflight(jobs: list, models: dict, prompts: list[dict], sweep_prompts: list[dict], cfg: BenchConfig,
+              eos_id) -> None:
+    """Build every kernel job's Decoder and check its prompt batches against the models' capacity, without
+    compiling or running anything: a bad setting (gamma, K, T, temperature, a drafter of the wrong kind or
+    vocabulary, prompt + max_new_tokens beyond max_seq_len) is refused before the first timing, naming the job."""
+    from specdiff_jax.decode import DecodeError, Decoder
+
+    for m, temp, b, s, is_sweep in jobs:
+        if m not in JAX_METHODS:
+            continue
+        try:
+            dec = Decoder(models["verifier"], models.get(m), method=m, max_new_tokens=cfg.max_new_tokens,
+                          temperature=temp, eos_id=eos_id, **s)
+            for bt in _batches(sweep_prompts if is_sweep else prompts, b):
+                dec.check([p["ids"] for p in bt])
+        except DecodeError as e:
+            what = f" [{', '.join(f'{k}={v}' for k, v in s.items())}]" if s else ""
+            raise BenchError(f"{m} at temperature {temp:g}, batch {b}{' (sweep)' if is_sweep else ''}{what}: {e}; "
+                             "fix the benchmark config before anything runs") from None
 
 
 def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:
@@ -602,6 +636,7 @@ def run(cfg: BenchConfig, out: Path, *, config_path: str | None = None) -> dict:
 
     rows, outputs = [], {}
     sweep_prompts = prompts[: cfg.sweep_prompts]
+    preflight(jobs, models, prompts, sweep_prompts, cfg, eos_id)
     tmp = Path(tempfile.mkdtemp(prefix="specdiff_bench_"))
     bar = tqdm(jobs, desc="benchmark", disable=not cfg.progress_bar, file=sys.stderr)
     for m, temp, b, s, is_sweep in bar:

@@ -56,6 +56,12 @@ def _fail(msg: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tok = None
+    if args.prompt is not None:
+        try:
+            args.prompt.encode("utf-8")
+        except UnicodeEncodeError:  # undecodable argv bytes arrive as lone surrogates
+            _fail("--prompt is not valid UTF-8 text (the shell passed bytes that do not decode); pass UTF-8 text "
+                  "or the token ids with --prompt-ids")
     if args.prompt_ids is not None:
         try:
             ids = [int(t) for t in args.prompt_ids.replace(" ", "").split(",") if t != ""]

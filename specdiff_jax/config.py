@@ -108,7 +108,15 @@ class ModelConfig:
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
         path = Path(path)
-        return cls.from_dict(json.loads(path.read_text()), source=str(path))
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ConfigError(f"model config {str(path)!r} is not UTF-8 JSON ({type(e).__name__}: {str(e)[:120]}); "
+                              "the model directory is damaged: re-save or re-convert the model") from None
+        if not isinstance(d, dict):
+            raise ConfigError(f"model config {str(path)!r} must hold a JSON object of model keys, got "
+                              f"{type(d).__name__}; re-save or re-convert the model")
+        return cls.from_dict(d, source=str(path))
 
     def num_params(self) -> int:
         d, f, h, kv, hd = self.hidden_size, self.intermediate_size, self.num_heads, self.num_kv_heads, self.head_dim

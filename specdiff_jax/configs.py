@@ -208,9 +208,12 @@ def _read_yaml(path: Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist; pass an existing YAML file (see configs/)")
     try:
-        d = yaml.safe_load(path.read_text())
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {str(path)!r} is not valid YAML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); pass a "
+                          "YAML config such as configs/models/tiny_verifier.yaml") from None
     if d is None:
         return {}
     if not isinstance(d, dict):

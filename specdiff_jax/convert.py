@@ -152,6 +152,15 @@ def _first_id(v):
     return None if v is None else int(v)
 
 
+def _read_json(path: Path):
+    """A JSON file of a checkpoint; binary, non-UTF-8 or malformed content is a ConversionError naming the file."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConversionError(f"{path}: not valid UTF-8 JSON ({type(e).__name__}: {str(e)[:120]}); the file is "
+                              "damaged or not part of a Hugging Face checkpoint: download or export it again") from None
+
+
 def tokenizer_size(path: str | Path) -> int | None:
     """Number of token ids of the tokenizer saved in `path` (max id + 1), or None if there is none."""
     path = Path(path)
@@ -167,13 +176,13 @@ def tokenizer_size(path: str | Path) -> int | None:
     else:
         vj = path / "vocab.json"
         if vj.is_file():
-            ids += list(json.loads(vj.read_text()).values())
+            ids += list(_read_json(vj).values())
         at = path / "added_tokens.json"
         if at.is_file():
-            ids += list(json.loads(at.read_text()).values())
+            ids += list(_read_json(at).values())
         tc = path / "tokenizer_config.json"
         if tc.is_file():
-            ids += [int(k) for k in json.loads(tc.read_text()).get("added_tokens_decoder", {})]
+            ids += [int(k) for k in _read_json(tc).get("added_tokens_decoder", {})]
     return max(ids) + 1 if ids else None
 
 
@@ -302,8 +311,8 @@ class _Tensors:
         if index.is_file():
             try:
                 wmap = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError) as e:
-                raise ConversionError(f"{index}: not a valid safetensors index ({e})") from None
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+                raise ConversionError(f"{index}: not a valid safetensors index ({type(e).__name__}: {e})") from None
             files = sorted({path / f for f in wmap.values()})
         else:
             files = sorted(path.glob("*.safetensors"))
@@ -350,10 +359,9 @@ def load_hf(path: str | Path, *, dtype: str | None = None) -> Transformer:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ConversionError(f"{str(path)!r} has no config.json: not a Hugging Face checkpoint directory")
-    try:
-        hf = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{cfg_file}: not valid JSON ({e})") from None
+    hf = _read_json(cfg_file)
+    if not isinstance(hf, dict):
+        raise ConversionError(f"{cfg_file}: must hold a JSON object of model keys, got {type(hf).__name__}")
     cfg = config_from_hf(hf, source=str(cfg_file), tokenizer_vocab=tokenizer_size(path), dtype=dtype)
     tensors = _Tensors(path)
     graphdef_shapes = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))

@@ -435,11 +435,14 @@ class Decoder:
         vcfg = verifier.cfg
         if method not in METHODS:
             raise DecodeError(f"method={method!r} is unknown; choose one of {METHODS}")
+        if vcfg.attention != "causal":
+            raise DecodeError(f"the verifier is a {vcfg.attention} model (a diffusion drafter?); the verifier must "
+                              "be a causal LM: pass the verifier and the drafter in that order")
         if not _is_int(max_new_tokens) or max_new_tokens < 1:
             raise DecodeError(f"max_new_tokens={max_new_tokens!r} must be a positive integer")
         if not isinstance(temperature, (int, float)) or temperature < 0 or not math.isfinite(temperature):
             raise DecodeError(f"temperature={temperature!r} must be >= 0 (0 = greedy)")
-        if not isinstance(draft_temperature, (int, float)) or draft_temperature < 0:
+        if not isinstance(draft_temperature, (int, float)) or not 0 <= draft_temperature < math.inf:
             raise DecodeError(f"draft_temperature={draft_temperature!r} must be >= 0 (0 = argmax drafting)")
         if not _is_int(top_k) or top_k < 0:
             raise DecodeError(f"top_k={top_k!r} must be an integer >= 0 (0 = off)")
@@ -553,6 +556,10 @@ class Decoder:
             vcap=P + N + G, dcap=P + N + G if self.dkind in ("ar", "block") else 0, window=window,
         )
         return spec, tokens, lens
+
+    def check(self, prompts) -> None:
+        """Validate `prompts` (token ids, lengths against the models' capacity) without compiling or running."""
+        self._spec(prompts)
 
     def prefill(self, prompts) -> dict:
         """Validate, pad to the bucket and encode the prompts (jitted). Returns the decode state."""

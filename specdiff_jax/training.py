@@ -367,11 +367,15 @@ class _MetricsLog:
             self.tb.close()
 
 
-def _checkpoint_manager(workdir: Path, cfg: Config):
+def _checkpoint_manager(workdir: Path, cfg: Config, cleanup: bool = False):
+    """cleanup: delete partial checkpoints (`<step>.orbax-checkpoint-tmp`, left by a run killed while saving or a
+    save that failed; orbax deletes on the primary process only). Only a run holding the work dir's lock may
+    clean up, never a reader of a live run."""
     import orbax.checkpoint as ocp
 
     opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
-                                        enable_async_checkpointing=cfg.checkpoint.async_save)
+                                        enable_async_checkpointing=cfg.checkpoint.async_save,
+                                        cleanup_tmp_directories=cleanup)
     return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=opts)
 
 
@@ -439,6 +443,9 @@ def train(
     if cfg.data.batch_size % n_batch_shards or cfg.data.batch_size % jax.process_count():
         raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh's data*fsdp size "
                           f"({n_batch_shards}) and the process count ({jax.process_count()})")
+    if tc.init_from and not Path(tc.init_from).exists() and not _has_checkpoint(workdir):
+        raise ConfigError(f"train.init_from={tc.init_from!r} does not exist; set it to a model directory "
+                          "(a save_pretrained export or a Hugging Face checkpoint), or to null for a random init")
     if train_data is None:
         train_data, default_val = build_data(cfg, tokenizer)
         val_batches = default_val if val_batches is None else val_batches
@@ -454,7 +461,7 @@ def train(
         batch_sh, val_sh = prog.batch_sh, prog.val_sh
         step_fn, eval_fn = prog.train_step, prog.eval_step
 
-        mngr = _checkpoint_manager(workdir, cfg)
+        mngr = _checkpoint_manager(workdir, cfg, cleanup=True)
         it = iter(train_data)
         obj_name = getattr(objective, "name", tc.objective) if objective is not None else tc.objective
         meta = {"model": cfg.model.to_dict(), "objective": obj_name, "seq_len": cfg.data.seq_len}
@@ -495,11 +502,31 @@ def train(
             tokens_seen = 0
         start = int(state["step"])
 
+        in_flight: list[int | None] = [None]  # step of the (asynchronous) save not yet known to be complete
+        writers: list[set] = [set()]  # threads alive before that save started
+
+        def commit_wait() -> None:
+            """Wait for the save in flight; a failed one (full disk, ...) stops the run, naming what is intact."""
+            try:
+                mngr.wait_until_finished()
+            except Exception as e:  # noqa: BLE001 - orbax re-raises the writer thread's error as is
+                # orbax reports the first failed item while the others may still be writing: let them end, so
+                # that nothing writes into the partial checkpoint after the error (or races a resume's cleanup)
+                _join_threads_since(writers[0], timeout=30.0)
+                raise _save_failed(workdir, mngr, in_flight[0], e) from None
+            in_flight[0] = None
+
         def save(step: int) -> str:
+            commit_wait()  # orbax would wait inside save(); here an earlier failure is named by its own step
+            in_flight[0], writers[0] = step, set(threading.enumerate())
             m = {**meta, "step": step, "tokens_seen": tokens_seen, "time": time.time()}
-            mngr.save(step, args=ocp.args.Composite(
-                state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state()),
-                meta=ocp.args.JsonSave(m)), force=True)
+            try:
+                mngr.save(step, args=ocp.args.Composite(
+                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state()),
+                    meta=ocp.args.JsonSave(m)), force=True)
+            except Exception as e:  # noqa: BLE001
+                _join_threads_since(writers[0], timeout=30.0)
+                raise _save_failed(workdir, mngr, step, e) from None
             return str(workdir / CHECKPOINT_DIR / str(step))
 
         val_dev = [_to_global(b, val_sh) for b in val_batches]
@@ -588,13 +615,16 @@ def train(
                 last_ckpt = save(step)
             if status == "completed" and val_dev and not val:  # resumed a finished run: report it anyway
                 val = evaluate()
-            mngr.wait_until_finished()
+            commit_wait()
         finally:
             if bar is not None:
                 bar.close()
             log.close()
-            mngr.wait_until_finished()
-            mngr.close()
+            try:
+                mngr.wait_until_finished()
+                mngr.close()
+            except Exception:  # noqa: BLE001 - only reached with an error already on its way (a failed save)
+                pass
 
         export = None
         if status == "completed" and cc.export:  # every process: Orbax saves are collective
@@ -606,6 +636,44 @@ def train(
                 "val_loss": val.get("loss"), "val_bits_per_token": val.get("bits_per_token"),
                 "config": cfg.to_dict()})
         return TrainResult(status, step, losses, val, last_ckpt, export)
+
+
+def _has_checkpoint(workdir: Path) -> bool:
+    d = workdir / CHECKPOINT_DIR
+    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
+
+
+def _join_threads_since(before: set, timeout: float) -> None:
+    """Wait (at most `timeout` s in all) for the threads started since the snapshot `before` to end."""
+    deadline = time.monotonic() + timeout
+    for t in set(threading.enumerate()) - before:
+        if t is not threading.current_thread():
+            t.join(max(deadline - time.monotonic(), 0.0))
+
+
+def _save_failed(workdir: Path, mngr, failed: int | None, e: BaseException) -> TrainingError:
+    """The error of a checkpoint save that failed: its cause (a full disk is named as such) and what is intact."""
+    import errno
+
+    cause, seen = e, set()
+    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
+    shown = cause if isinstance(cause, OSError) else e
+    try:
+        good = mngr.latest_step()
+    except Exception:  # noqa: BLE001
+        good = None
+    if good == failed:  # pragma: no cover - the manager lists only finalized steps
+        good = None
+    intact = (f"the last complete checkpoint, {workdir / CHECKPOINT_DIR / str(good)} (step {good}), is intact"
+              if good is not None else "no complete checkpoint was saved before it")
+    fix = "free disk space (or lower checkpoint.keep)" if full else "fix the cause"
+    return TrainingError(
+        f"saving the checkpoint of step {failed} under {workdir / CHECKPOINT_DIR} failed"
+        f"{' (disk full)' if full else ''}: {type(shown).__name__}: {str(shown)[:300]}; the run stopped and "
+        f"{intact} (the partial one is ignored and removed on resume); {fix}, then rerun the same command to resume")
 
 
 def _load_init(cfg: Config, path: str) -> dict:

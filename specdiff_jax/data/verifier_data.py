@@ -176,11 +176,23 @@ def prompts_from_file(path: str, tokenizer, evals: EvalSet, *, prompt_tokens: in
     if not p.is_file():
         raise FileNotFoundError(f"generate.prompts_file={path!r} does not exist; pass a JSONL file of "
                                 "{\"text\": ...} lines or null to sample prompts from the corpus")
+    try:
+        lines = p.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"generate.prompts_file={path!r} is not UTF-8 text ({e.reason} at byte {e.start}); pass a "
+                         "JSONL file of {\"text\": ...} lines") from None
     out = []
-    for n, line in enumerate(p.read_text().splitlines()):
+    for n, line in enumerate(lines):
         if not line.strip():
             continue
-        text = json.loads(line)["text"]
+        try:
+            text = json.loads(line)["text"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(f"line {n + 1} of generate.prompts_file={path!r} is not a JSON object with a \"text\" "
+                             f"string ({type(e).__name__}: {str(e)[:80]}); fix that line") from None
+        if not isinstance(text, str):
+            raise ValueError(f"line {n + 1} of generate.prompts_file={path!r}: \"text\" must be a string, got "
+                             f"{type(text).__name__}")
         where = evals.find(text)
         if where is not None:
             raise DataOverlapError(
