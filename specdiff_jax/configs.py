@@ -85,6 +85,9 @@ class TrainConfig:
     mdlm_t_min: float = 1e-3
     init_from: str | None = None
     log_every: int = 10
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     eval_every: int = 200
     progress_bar: bool = True
 
@@ -520,6 +523,13 @@ def validate(cfg: Config) -> None:
 
 
 def _validate_generate(cfg: Config, bad) -> None:
+    if t.lora_rank < 0:
+        bad("train.lora_rank", t.lora_rank, "must be >= 0 (0 = full fine-tuning)")
+    if t.lora_rank > 0 and not t.init_from:
+        bad("train.lora_rank", t.lora_rank, "LoRA adapts a pre-trained model: set train.init_from=<model dir> "
+            "(or train.lora_rank=0 to train every parameter)")
+    if t.lora_rank > 0 and not t.lora_alpha > 0:
+        bad("train.lora_alpha", t.lora_alpha, "must be positive (the adapter scale is lora_alpha / lora_rank)")
     g = cfg.generate
     for key in ("num_prompts", "samples_per_prompt", "prompt_tokens", "max_new_tokens", "batch_size"):
         if getattr(g, key) <= 0:

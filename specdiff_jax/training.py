@@ -111,8 +111,11 @@ def init_state(cfg: Config, tx, params: dict | None = None) -> dict:
     }
 
 
-def state_shardings(cfg: Config, mesh, tx, abstract_param_state: nnx.State, state_shapes: dict) -> dict:
-    p_sh = shd.param_shardings(abstract_param_state, mesh, cfg.mesh.logical_axis_rules)
+def state_shardings(cfg: Config, mesh, tx, abstract_param_state: nnx.State, state_shapes: dict,
+                    param_sh: dict | None = None) -> dict:
+    """Shardings of the train state; `param_sh` overrides the trained parameters' (LoRA adapters)."""
+    p_sh = param_sh if param_sh is not None else shd.param_shardings(abstract_param_state, mesh,
+                                                                      cfg.mesh.logical_axis_rules)
     rep = shd.replicated(mesh)
     return {
         "params": p_sh,
@@ -122,26 +125,37 @@ def state_shardings(cfg: Config, mesh, tx, abstract_param_state: nnx.State, stat
     }
 
 
-def make_train_step(graphdef, objective, tx, schedule) -> Callable:
-    """`train_step(state, batch) -> (state, metrics)`, batch tokens/segment_ids int32[A, B, L] (A micro-batches)."""
+def _model_params(params, frozen, lora_scale):
+    """The full parameters the model runs with: `params` (full training) or base + LoRA adapters."""
+    if frozen is None:
+        return params
+    from specdiff_jax import lora
 
-    def loss_fn(params, batch, rng):
-        return objective(nnx.merge(graphdef, params), batch, rng)
+    return lora.merge(frozen, params, lora_scale)
+
+
+def make_train_step(graphdef, objective, tx, schedule, lora_scale: float | None = None) -> Callable:
+    """`train_step(state, batch, frozen=None) -> (state, metrics)`, batch tokens/segment_ids int32[A, B, L]
+    (A micro-batches). With LoRA, state["params"] are the adapters and `frozen` the base parameters (an input,
+    never differentiated); the model is base + lora_scale * A @ B."""
+
+    def loss_fn(params, batch, rng, frozen):
+        return objective(nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch, rng)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch):
+    def train_step(state, batch, frozen=None):
         params = state["params"]
         A = batch["tokens"].shape[0]
         rngs = jax.random.split(jax.random.fold_in(state["rng"], state["step"]), A)
 
         def micro(acc, xs):
             b, r = xs
-            (_, m), g = grad_fn(params, b, r)
+            (_, m), g = grad_fn(params, b, r, frozen)
             return jax.tree.map(jnp.add, acc, g), m
 
         if A == 1:  # no loop: the common case compiles faster
-            (_, m), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rngs[0])
+            (_, m), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rngs[0], frozen)
             ms = jax.tree.map(lambda x: x[None], m)
         else:
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -162,11 +176,11 @@ def make_train_step(graphdef, objective, tx, schedule) -> Callable:
     return train_step
 
 
-def make_eval_step(graphdef, objective) -> Callable:
-    """`eval_step(params, batch[B, L], rng) -> (sum of per-token loss, token count)`."""
+def make_eval_step(graphdef, objective, lora_scale: float | None = None) -> Callable:
+    """`eval_step(params, batch[B, L], rng, frozen=None) -> (sum of per-token loss, token count)`."""
 
-    def eval_step(params, batch, rng):
-        _, m = objective(nnx.merge(graphdef, params), batch, rng)
+    def eval_step(params, batch, rng, frozen=None):
+        _, m = objective(nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch, rng)
         return m["loss"] * m["tokens"], m["tokens"]
 
     return eval_step
@@ -183,8 +197,10 @@ class Programs:
     batch_sh: Any  # [A, B, L] micro-batch stack
     val_sh: Any  # [B, L]
     init: Callable  # init() or init(params) -> state
-    train_step: Callable  # (state, batch) -> (state, metrics); state donated
-    eval_step: Callable  # (params, batch, rng) -> (loss sum, tokens)
+    train_step: Callable  # (state, batch, frozen) -> (state, metrics); state donated; frozen None or LoRA base
+    eval_step: Callable  # (params, batch, rng, frozen) -> (loss sum, tokens)
+    frozen_sh: Any = None  # LoRA: shardings of the frozen base parameters (None: full training)
+    lora_scale: float | None = None  # LoRA: lora_alpha / lora_rank
 
 
 def programs(cfg: Config, mesh, objective: Callable | None = None) -> Programs:
@@ -208,21 +224,38 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = Fals
     tx = make_optimizer(tc)
     schedule = lr_schedule(tc)
     graphdef, abstract = abstract_model(cfg)
-    shapes = jax.eval_shape(lambda: init_state(cfg, tx))
-    st_sh = state_shardings(cfg, mesh, tx, abstract, shapes)
     rules = mesh_cfg.logical_axis_rules
+    frozen_sh, param_sh, lora_scale, fresh_params = None, None, None, None
+    if tc.lora_rank > 0:  # train adapters only; the base parameters are a frozen input of the step
+        from specdiff_jax import lora
+
+        frozen_sh = shd.param_shardings(abstract, mesh, rules)
+        base_shapes = nnx.to_pure_dict(abstract)
+        lora_scale = tc.lora_alpha / tc.lora_rank
+        fresh_params = lambda: lora.init(jax.random.PRNGKey(tc.seed + 3), base_shapes,  # noqa: E731
+                                         tc.lora_targets, tc.lora_rank)
+        ad_shapes = jax.eval_shape(fresh_params)
+        ad_axes = lora.logical_axes(shd.param_logical_axes(abstract), ad_shapes)
+        param_sh = jax.tree.map(lambda ax, a: shd.logical_sharding(mesh, rules, ax, a.shape), ad_axes, ad_shapes,
+                                is_leaf=lambda x: isinstance(x, tuple))
+    shapes = jax.eval_shape(lambda: init_state(cfg, tx, None if fresh_params is None else fresh_params()))
+    st_sh = state_shardings(cfg, mesh, tx, abstract, shapes, param_sh)
     batch_sh = shd.batch_sharding(mesh, rules, 3, leading=1)
     val_sh = shd.batch_sharding(mesh, rules, 2)
     rep = shd.replicated(mesh)
     objective = objective_impl if custom else make_objective(tc)  # built-in ones: the impl is the key only
-    init_fresh = jax.jit(lambda: init_state(cfg, tx), out_shardings=st_sh)
+    init_fresh = jax.jit(lambda: init_state(cfg, tx, None if fresh_params is None else fresh_params()),
+                         out_shardings=st_sh)
     init_from = jax.jit(lambda p: init_state(cfg, tx, p), out_shardings=st_sh)
     return Programs(
         graphdef=graphdef, tx=tx, shapes=shapes, state_sh=st_sh, batch_sh=batch_sh, val_sh=val_sh,
         init=lambda params=None: init_fresh() if params is None else init_from(params),
-        train_step=jax.jit(make_train_step(graphdef, objective, tx, schedule), in_shardings=(st_sh, batch_sh),
-                           out_shardings=(st_sh, rep), donate_argnums=(0,)),
-        eval_step=jax.jit(make_eval_step(graphdef, objective), in_shardings=(st_sh["params"], val_sh, rep)),
+        train_step=jax.jit(make_train_step(graphdef, objective, tx, schedule, lora_scale),
+                           in_shardings=(st_sh, batch_sh, frozen_sh), out_shardings=(st_sh, rep),
+                           donate_argnums=(0,)),
+        eval_step=jax.jit(make_eval_step(graphdef, objective, lora_scale),
+                          in_shardings=(st_sh["params"], val_sh, rep, frozen_sh)),
+        frozen_sh=frozen_sh, lora_scale=lora_scale,
     )
 
 
@@ -255,8 +288,7 @@ def build_data(cfg: Config, tokenizer=None):
                           "(data.source_dirs) and prepare it again")
     nproc, pid = jax.process_count(), jax.process_index()
     local_batch = d.batch_size // nproc
-    train_ds = pipeline.packed_dataset(train_src, tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=d.seed,
-                                       shuffle=True, num_epochs=None, shard_index=pid, shard_count=nproc)
+    train_ds = sharded_training_stream(cfg, train_src, tokenizer)
     val_batches = []
     val_src = corpus.load_split(d.data_dir, "validation") if d.val_batches else []
     if d.val_batches and len(val_src) < nproc:
@@ -270,6 +302,23 @@ def build_data(cfg: Config, tokenizer=None):
                 break
             val_batches.append(b)
     return train_ds, val_batches
+
+
+def sharded_training_stream(cfg: Config, source, tokenizer):
+    """The packed training stream as data.num_shards disjoint shards (0 = one per process), this process's part.
+
+    See specdiff_jax.data.sharded: the global batches do not depend on the process count, so a run resumes on
+    any number of processes dividing the shard count.
+    """
+    from specdiff_jax.data import pipeline
+    from specdiff_jax.data.sharded import ShardedStream
+
+    d = cfg.data
+    return ShardedStream(
+        lambda i, n, b: pipeline.packed_dataset(source, tokenizer, seq_len=d.seq_len, batch_size=b, seed=d.seed,
+                                                shuffle=True, num_epochs=None, shard_index=i, shard_count=n),
+        num_shards=d.num_shards or jax.process_count(), batch_size=d.batch_size,
+        process_index=jax.process_index(), process_count=jax.process_count())
 
 
 # --- bookkeeping at the program edge -----------------------------------------------------------------
@@ -465,6 +514,11 @@ def train(
         it = iter(train_data)
         obj_name = getattr(objective, "name", tc.objective) if objective is not None else tc.objective
         meta = {"model": cfg.model.to_dict(), "objective": obj_name, "seq_len": cfg.data.seq_len}
+        frozen = None
+        if tc.lora_rank > 0:  # LoRA: the base is loaded (fresh start and resume alike) and stays frozen
+            meta["lora"] = {"rank": tc.lora_rank, "alpha": tc.lora_alpha, "targets": list(tc.lora_targets),
+                            "base": str(tc.init_from)}
+            frozen = jax.device_put(_load_init(cfg, tc.init_from), prog.frozen_sh)
         start = mngr.latest_step()
         if start is not None:
             where = workdir / CHECKPOINT_DIR / str(start)
@@ -474,6 +528,11 @@ def train(
                 mngr.close()
                 raise TrainingError(f"cannot read the checkpoint {where} ({type(e).__name__}: {str(e)[:200]}); "
                                     "delete it to resume from the previous one, or use another --workdir") from None
+            if old.get("lora") != meta.get("lora"):
+                mngr.close()
+                raise TrainingError(f"work dir {str(workdir)!r} holds a checkpoint with LoRA settings "
+                                    f"{old.get('lora')} but this run has {meta.get('lora')}; use another --workdir, "
+                                    "or restore the settings it was started with")
             if old.get("model") != meta["model"] or old.get("objective") != meta["objective"]:
                 mngr.close()
                 diff = sorted(k for k in meta["model"] if (old.get("model") or {}).get(k) != meta["model"][k])
@@ -496,7 +555,7 @@ def train(
             print(f"resuming from {workdir / CHECKPOINT_DIR / str(start)} at step {start}", flush=True)
         else:
             params = None
-            if tc.init_from:
+            if tc.init_from and frozen is None:
                 params = _load_init(cfg, tc.init_from)
             state = prog.init(params) if params is not None else prog.init()
             tokens_seen = 0
@@ -535,7 +594,7 @@ def train(
         def evaluate() -> dict:
             tot, n = 0.0, 0
             for i, b in enumerate(val_dev):
-                s, c = eval_fn(state["params"], b, jax.random.fold_in(val_rng, i))
+                s, c = eval_fn(state["params"], b, jax.random.fold_in(val_rng, i), frozen)
                 tot += float(s)
                 n += int(c)
             loss = tot / max(n, 1)
@@ -568,7 +627,7 @@ def train(
                 if batch["tokens"].shape[-1] != cfg.data.seq_len:
                     raise ConfigError(f"training batches have length {batch['tokens'].shape[-1]} but "
                                       f"data.seq_len={cfg.data.seq_len}")
-                state, metrics = step_fn(state, _to_global(batch, batch_sh))
+                state, metrics = step_fn(state, _to_global(batch, batch_sh), frozen)
                 step += 1
                 tokens_seen += tokens_per_step
                 mvals = {k: float(v) for k, v in metrics.items()}
@@ -631,7 +690,8 @@ def train(
             from specdiff_jax.checkpoint import save_pretrained
 
             export = str(workdir / "export")
-            save_pretrained(nnx.merge(graphdef, state["params"]), export, metadata={
+            save_pretrained(nnx.merge(graphdef, _model_params(state["params"], frozen, prog.lora_scale)), export,
+                            metadata={
                 "step": step, "objective": tc.objective, "tokens_seen": tokens_seen,
                 "val_loss": val.get("loss"), "val_bits_per_token": val.get("bits_per_token"),
                 "config": cfg.to_dict()})
