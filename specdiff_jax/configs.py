@@ -65,6 +65,7 @@ class DataConfig:
     batch_size: int = 8
     seed: int = 0
     val_batches: int = 8
+    num_shards: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,10 +85,10 @@ class TrainConfig:
     document_masking: bool = True
     mdlm_t_min: float = 1e-3
     init_from: str | None = None
-    log_every: int = 10
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    log_every: int = 10
     eval_every: int = 200
     progress_bar: bool = True
 
@@ -97,7 +98,16 @@ class MeshConfig:
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
     logical_axis_rules: tuple[tuple[str, str | tuple[str, ...] | None], ...] = DEFAULT_AXIS_RULES
+    num_devices: int = 0
+    device_memory_gb: float = 0.0
+    distributed: Literal["auto", "on", "off"] = "auto"
+    coordinator_address: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +157,19 @@ class CalibrateConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PairConfig:
+    """A drafter/verifier pair at scale: the verifier's architecture and the decode shapes of dry runs."""
+
+    verifier_config: str | None = None
+    batch_size: int = 1
+    prompt_tokens: int = 1024
+    max_new_tokens: int = 1024
+    gamma: int = 32
+    num_drafts: int = 8
+    draft_window: int = 512
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -156,6 +179,7 @@ class Config:
     workdir: str | None = None
     generate: GenerateConfig = GenerateConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
+    pair: PairConfig = PairConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -172,6 +196,7 @@ SECTIONS: dict[str, type] = {
     "checkpoint": CheckpointConfig,
     "generate": GenerateConfig,
     "calibrate": CalibrateConfig,
+    "pair": PairConfig,
 }
 TOP_LEVEL = ("workdir",)
 
@@ -448,7 +473,8 @@ def load_config(
     ckpt = CheckpointConfig(**sections["checkpoint"])
     model = ModelConfig(**model_kw)
     cfg = Config(model=model, data=data, train=train, mesh=mesh, checkpoint=ckpt, **top,
-                 generate=GenerateConfig(**sections["generate"]), calibrate=CalibrateConfig(**sections["calibrate"]))
+                 generate=GenerateConfig(**sections["generate"]), calibrate=CalibrateConfig(**sections["calibrate"]),
+                 pair=PairConfig(**sections["pair"]))
     validate(cfg)
     return cfg
 
@@ -497,6 +523,13 @@ def validate(cfg: Config) -> None:
         bad("train.mdlm_t_min", t.mdlm_t_min, "must be in (0, 1)")
     if t.grad_clip < 0:
         bad("train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
+    if t.lora_rank < 0:
+        bad("train.lora_rank", t.lora_rank, "must be >= 0 (0 = full fine-tuning)")
+    if t.lora_rank > 0 and not t.init_from:
+        bad("train.lora_rank", t.lora_rank, "LoRA adapts a pre-trained model: set train.init_from=<model dir> "
+            "(or train.lora_rank=0 to train every parameter)")
+    if t.lora_rank > 0 and not t.lora_alpha > 0:
+        bad("train.lora_alpha", t.lora_alpha, "must be positive (the adapter scale is lora_alpha / lora_rank)")
     if t.objective == "mdlm":
         if m.attention != "block_causal":
             bad("model.attention", m.attention, "the mdlm objective trains block_causal drafters; set "
@@ -515,6 +548,7 @@ def validate(cfg: Config) -> None:
             bad(f"mesh.{k}", v, "must be a positive integer or -1 (the rest of the devices)")
     if sum(v == -1 for v in sizes.values()) > 1:
         bad("mesh", sizes, "at most one mesh axis may be -1")
+    _validate_scale(cfg, bad)
     for rule in cfg.mesh.logical_axis_rules:
         axes = rule[1] if isinstance(rule[1], tuple) else (rule[1],)
         for a in axes:
@@ -522,14 +556,27 @@ def validate(cfg: Config) -> None:
                 bad("mesh.logical_axis_rules", list(rule), f"mesh axis {a!r} is not one of {list(sizes)}")
 
 
+def _validate_scale(cfg: Config, bad) -> None:
+    ms, p = cfg.mesh, cfg.pair
+    for k in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
+        if getattr(ms, k) < 1:
+            bad(f"mesh.{k}", getattr(ms, k), "must be a positive integer (slices along this axis; 1 = one slice)")
+    if ms.num_devices < 0:
+        bad("mesh.num_devices", ms.num_devices, "must be >= 0 (0 = the real devices; N = an abstract mesh of N)")
+    if ms.device_memory_gb < 0:
+        bad("mesh.device_memory_gb", ms.device_memory_gb, "must be >= 0 (0 = the device's own figure, if known)")
+    if ms.num_processes is not None and ms.num_processes < 1:
+        bad("mesh.num_processes", ms.num_processes, "must be a positive integer (or null)")
+    if ms.process_id is not None and not 0 <= ms.process_id < (ms.num_processes or ms.process_id + 1):
+        bad("mesh.process_id", ms.process_id, "must be in [0, mesh.num_processes)")
+    if cfg.data.num_shards < 0:
+        bad("data.num_shards", cfg.data.num_shards, "must be >= 0 (0 = one shard per process)")
+    for k in ("batch_size", "prompt_tokens", "max_new_tokens", "gamma", "num_drafts", "draft_window"):
+        if getattr(p, k) < 1:
+            bad(f"pair.{k}", getattr(p, k), "must be a positive integer")
+
+
 def _validate_generate(cfg: Config, bad) -> None:
-    if t.lora_rank < 0:
-        bad("train.lora_rank", t.lora_rank, "must be >= 0 (0 = full fine-tuning)")
-    if t.lora_rank > 0 and not t.init_from:
-        bad("train.lora_rank", t.lora_rank, "LoRA adapts a pre-trained model: set train.init_from=<model dir> "
-            "(or train.lora_rank=0 to train every parameter)")
-    if t.lora_rank > 0 and not t.lora_alpha > 0:
-        bad("train.lora_alpha", t.lora_alpha, "must be positive (the adapter scale is lora_alpha / lora_rank)")
     g = cfg.generate
     for key in ("num_prompts", "samples_per_prompt", "prompt_tokens", "max_new_tokens", "batch_size"):
         if getattr(g, key) <= 0:

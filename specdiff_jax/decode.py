@@ -393,16 +393,51 @@ def _decode_impl(s: _Spec, gv, gd, vstate, dstate, carry: dict, key: Array):
     return out, count, stats
 
 
-def _compiled(s: _Spec, gv, gd):
-    """(prefill, decode) jitted for this static spec; prefill is shared by every setting it does not read."""
+def _carry_shardings(carry_shapes: dict, placement):
+    """Shardings of the decode carry: KV caches by their logical axes (cache_batch, kv_heads), the rest replicated."""
+    from specdiff_jax import sharding as shd
+
+    mesh, rules = placement
+    rep = shd.replicated(mesh)
+    out = {}
+    for k, v in carry_shapes.items():
+        if isinstance(v, KVCache):
+            out[k] = KVCache(shd.cache_sharding(mesh, rules, v.k.shape), shd.cache_sharding(mesh, rules, v.v.shape), rep)
+        else:
+            out[k] = jax.tree.map(lambda _: rep, v)
+    return out
+
+
+def _compiled(s: _Spec, gv, gd, placement=None, vstate=None, dstate=None):
+    """(prefill, decode) jitted for this static spec; prefill is shared by every setting it does not read.
+
+    placement: None (whatever the inputs' placement is) or (mesh, logical axis rules): then both are jitted with
+    in/out shardings: parameters as placed by `Decoder` (vstate/dstate), KV caches by logical axes, the rest
+    replicated.
+    """
     ps = dataclasses.replace(s, method="", rule="", num_drafts=1, steps=1, temperature=0.0, top_k=0, top_p=1.0,
                              draft_temperature=0.0, vocab=0, v_exclude=(), mask_id=-1, logit_shift=False)
-    pkey = ("prefill", ps, gv, gd)
-    if pkey not in _COMPILED:
-        _COMPILED[pkey] = jax.jit(lambda vs, ds, t, ln, e: _prefill_impl(ps, gv, gd, vs, ds, t, ln, e))
-    dkey = ("decode", s, gv, gd)
-    if dkey not in _COMPILED:
-        _COMPILED[dkey] = jax.jit(lambda vs, ds, c, k: _decode_impl(s, gv, gd, vs, ds, c, k))
+    pkey = ("prefill", ps, gv, gd, placement)
+    dkey = ("decode", s, gv, gd, placement)
+    if placement is None:
+        if pkey not in _COMPILED:
+            _COMPILED[pkey] = jax.jit(lambda vs, ds, t, ln, e: _prefill_impl(ps, gv, gd, vs, ds, t, ln, e))
+        if dkey not in _COMPILED:
+            _COMPILED[dkey] = jax.jit(lambda vs, ds, c, k: _decode_impl(s, gv, gd, vs, ds, c, k))
+        return _COMPILED[pkey], _COMPILED[dkey]
+    from specdiff_jax import sharding as shd
+
+    rep = shd.replicated(placement[0])
+    if pkey not in _COMPILED or dkey not in _COMPILED:
+        B, P = s.batch, s.bucket
+        vsh, dsh = jax.tree.map(lambda x: x.sharding, vstate), jax.tree.map(lambda x: x.sharding, dstate)
+        shapes = jax.eval_shape(lambda vs, ds: _prefill_impl(ps, gv, gd, vs, ds, jnp.zeros((B, P), jnp.int32),
+                                                             jnp.ones((B,), jnp.int32), jnp.int32(0)), vstate, dstate)
+        csh = _carry_shardings(shapes, placement)
+        _COMPILED[pkey] = jax.jit(lambda vs, ds, t, ln, e: _prefill_impl(ps, gv, gd, vs, ds, t, ln, e),
+                                  in_shardings=(vsh, dsh, rep, rep, rep), out_shardings=csh)
+        _COMPILED[dkey] = jax.jit(lambda vs, ds, c, k: _decode_impl(s, gv, gd, vs, ds, c, k),
+                                  in_shardings=(vsh, dsh, csh, rep), out_shardings=rep)
     return _COMPILED[pkey], _COMPILED[dkey]
 
 
@@ -431,7 +466,7 @@ class Decoder:
     def __init__(self, verifier, drafter=None, *, method: str, max_new_tokens: int, temperature: float = 0.0,
                  top_k: int = 0, top_p: float = 1.0, gamma: int = 16, num_drafts: int = 1,
                  denoise_steps: int = 1, draft_temperature: float = 1.0, acceptance: str = "auto",
-                 eos_id: int | None = None, draft_window: int = 512):
+                 eos_id: int | None = None, draft_window: int = 512, mesh=None, rules=None):
         vcfg = verifier.cfg
         if method not in METHODS:
             raise DecodeError(f"method={method!r} is unknown; choose one of {METHODS}")
@@ -505,6 +540,16 @@ class Decoder:
         self.draft_window = draft_window
         self._gv, self._vstate = nnx.split(verifier)
         self._gd, self._dstate = nnx.split(drafter) if dkind != "none" else (None, None)
+        self._placement = None
+        if mesh is not None:  # parameters sharded by their logical axes; kernels jitted with in/out shardings
+            from specdiff_jax import sharding as shd
+            from specdiff_jax.configs import DEFAULT_AXIS_RULES
+
+            rules = tuple(rules) if rules is not None else DEFAULT_AXIS_RULES
+            self._placement = (mesh, rules)
+            self._vstate = shd.place_state(self._vstate, mesh, rules)
+            if self._dstate is not None:
+                self._dstate = shd.place_state(self._dstate, mesh, rules)
 
     # ----------------------------------------------------------------------------------------------
     def _spec(self, prompts) -> tuple[_Spec, np.ndarray, np.ndarray]:
@@ -564,7 +609,7 @@ class Decoder:
     def prefill(self, prompts) -> dict:
         """Validate, pad to the bucket and encode the prompts (jitted). Returns the decode state."""
         spec, tokens, lens = self._spec(prompts)
-        pre, _ = _compiled(spec, self._gv, self._gd)
+        pre, _ = self._kernels(spec)
         eos = jnp.asarray(-1 if self.eos_id is None else self.eos_id, jnp.int32)  # traced: no recompile per EOS id
         carry = pre(self._vstate, self._dstate, jnp.asarray(tokens), jnp.asarray(lens), eos)
         return {"spec": spec, "carry": carry}
@@ -572,9 +617,12 @@ class Decoder:
     def decode_raw(self, state: dict, seed: int = 0):
         """The jitted decode loop on a prefill state: device arrays (tokens [B, N], lengths [B], stats)."""
         spec = state["spec"]
-        _, dec = _compiled(spec, self._gv, self._gd)
+        _, dec = self._kernels(spec)
         key = jax.random.key(seed) if _is_int(seed) else seed
         return dec(self._vstate, self._dstate, state["carry"], key)
+
+    def _kernels(self, spec: _Spec):
+        return _compiled(spec, self._gv, self._gd, self._placement, self._vstate, self._dstate)
 
     def decode(self, state: dict, seed: int = 0) -> GenerateOutput:
         return self.output(self.decode_raw(state, seed))
@@ -612,7 +660,7 @@ class Decoder:
 def generate(verifier, prompts, *, method: str, drafter=None, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0, gamma: int = 16, num_drafts: int = 1, denoise_steps: int = 1,
              draft_temperature: float = 1.0, acceptance: str = "auto", eos_id: int | None = None,
-             seed: int = 0) -> GenerateOutput:
+             seed: int = 0, mesh=None, rules=None) -> GenerateOutput:
     """Generate up to `max_new_tokens` ids per prompt with `method` in ar | sps | specdiff | specdiff2.
 
     verifier, drafter: `Transformer`s (e.g. from `load_pretrained`). prompts: list of B token-id lists (ragged).
@@ -622,8 +670,10 @@ def generate(verifier, prompts, *, method: str, drafter=None, max_new_tokens: in
     that would not be lossless are refused). eos_id: ends a row (None = the verifier config's eos_token_id).
     Returns GenerateOutput: tokens int32[B, max_new_tokens] (padded after each row's end), lengths int32[B]
     (tokens up to and including EOS), stats (verifier_calls, tokens_per_verifier_call, accepted_hist, alpha, ...).
+    mesh, rules: run under this device mesh (parameters sharded by the logical axis rules, default the config's
+    defaults; KV caches by cache_batch / kv_heads); None = the parameters' own placement.
     """
     dec = Decoder(verifier, drafter, method=method, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_k=top_k, top_p=top_p, gamma=gamma, num_drafts=num_drafts, denoise_steps=denoise_steps,
-                  draft_temperature=draft_temperature, acceptance=acceptance, eos_id=eos_id)
+                  draft_temperature=draft_temperature, acceptance=acceptance, eos_id=eos_id, mesh=mesh, rules=rules)
     return dec(prompts, seed)

@@ -7,6 +7,11 @@ metadata on `nnx.Param` (see specdiff_jax.model).
 
 A dimension whose size is not divisible by the product of its mesh axes falls back to replication on that
 dimension (a tiny model on a big mesh still runs; it just is not split there).
+
+Mesh sizes: `mesh.data/fsdp/tensor` are the sizes *within* a slice (ICI; one may be -1 = the rest of the slice's
+devices), `mesh.dcn_data/dcn_fsdp/dcn_tensor` the sizes *across* slices (DCN, multi-slice TPU); each mesh axis has
+size ici * dcn. Without TPU slices (CPU, GPU) a DCN axis spans processes. `abstract_mesh` builds the same mesh for a
+device count without devices (dry runs: shapes and per-device bytes, nothing allocated).
 """
 
 from __future__ import annotations
@@ -25,29 +30,75 @@ MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, Any]]
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-    """Resolve the (data, fsdp, tensor) sizes of `mesh_cfg` for `num_devices` devices (-1 = the rest)."""
-    sizes = [mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor]
+def _resolve(sizes: list[int], num_devices: int, what: str) -> tuple[int, ...]:
     fixed = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if num_devices % fixed:
             raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: the fixed axes ({fixed} devices) do not divide "
-                              f"the {num_devices} available devices; change the mesh.* sizes")
+                              f"the {num_devices} available devices{what}; change the mesh.* sizes")
         sizes[sizes.index(-1)] = num_devices // fixed
     if math.prod(sizes) != num_devices:
         raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices but "
-                          f"{num_devices} are available; set one mesh axis to -1 or fix the sizes")
+                          f"{num_devices} are available{what}; set one mesh axis to -1 or fix the sizes")
     return tuple(sizes)
+
+
+def mesh_shapes(mesh_cfg, num_devices: int) -> tuple[tuple[int, int, int], tuple[int, int, int]]:
+    """(ici, dcn) sizes of (data, fsdp, tensor) for `num_devices` devices in all: within a slice and across slices."""
+    dcn = tuple(getattr(mesh_cfg, f"dcn_{a}", 1) for a in MESH_AXES)
+    slices = math.prod(dcn)
+    if slices == 1:
+        return _resolve([mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor], num_devices, ""), dcn
+    if num_devices % slices:
+        raise ConfigError(f"mesh.dcn_* sizes {dict(zip(MESH_AXES, dcn))} ask for {slices} slices, which do not "
+                          f"divide the {num_devices} devices; fix mesh.dcn_data / dcn_fsdp / dcn_tensor")
+    ici = _resolve([mesh_cfg.data, mesh_cfg.fsdp, mesh_cfg.tensor], num_devices // slices,
+                   f" per slice ({slices} slices)")
+    return ici, dcn
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+    """Resolve the (data, fsdp, tensor) sizes of `mesh_cfg` for `num_devices` devices (-1 = the rest)."""
+    ici, dcn = mesh_shapes(mesh_cfg, num_devices)
+    return tuple(i * d for i, d in zip(ici, dcn))
 
 
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
     """A Mesh over `devices` (default: all) with axes (data, fsdp, tensor) in Auto mode.
 
-    Built directly with `Mesh(...)`: jax 0.10's `make_mesh` defaults to Explicit axes (see STACK.md).
+    Built directly with `Mesh(...)`: jax 0.10's `make_mesh` defaults to Explicit axes (see STACK.md). With DCN
+    sizes > 1 the device grid is jax's hybrid (slice-aware) layout; on TPU the ICI grid follows the physical
+    topology; elsewhere devices are laid out in `jax.devices()` order (process by process).
     """
+    from jax.experimental import mesh_utils
+
     devices = list(jax.devices() if devices is None else devices)
-    shape = mesh_shape(mesh_cfg, len(devices))
-    return Mesh(np.array(devices, dtype=object).reshape(shape), MESH_AXES)
+    ici, dcn = mesh_shapes(mesh_cfg, len(devices))
+    if math.prod(dcn) > 1:
+        by_process = getattr(devices[0], "slice_index", None) is None  # CPU/GPU: one process = one granule
+        granules = len({d.process_index for d in devices}) if by_process else \
+            len({d.slice_index for d in devices})
+        if granules != math.prod(dcn):
+            what = "processes" if by_process else "TPU slices"
+            raise ConfigError(f"mesh.dcn_* sizes {dict(zip(MESH_AXES, dcn))} need {math.prod(dcn)} {what}, but "
+                              f"there are {granules}; set the dcn_* sizes to the number of {what}")
+        grid = mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, process_is_granule=by_process,
+                                                    allow_split_physical_axes=True)
+    elif devices[0].platform == "tpu":
+        try:  # topology-aware order (ICI neighbours along the mesh axes)
+            grid = mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True)
+        except (ValueError, NotImplementedError, AssertionError):
+            grid = np.array(devices, dtype=object).reshape(ici)
+    else:
+        grid = np.array(devices, dtype=object).reshape(ici)
+    return Mesh(grid, MESH_AXES)
+
+
+def abstract_mesh(mesh_cfg, num_devices: int):
+    """An `AbstractMesh` of the config's shape for `num_devices` devices: sharding math without devices."""
+    from jax.sharding import AbstractMesh
+
+    return AbstractMesh(mesh_shape(mesh_cfg, num_devices), MESH_AXES)
 
 
 def _rule_map(rules: Rules) -> dict[str, tuple[str, ...]]:
@@ -113,6 +164,22 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
     values = nnx.to_pure_dict(state)
     return jax.tree.map(lambda ax, v: logical_sharding(mesh, rules, ax, np.shape(v)), axes, values,
                         is_leaf=lambda x: isinstance(x, tuple))
+
+
+# KV cache k/v [layers, batch, capacity, kv_heads, head_dim] (specdiff_jax.cache.KVCache)
+CACHE_AXES = (None, "cache_batch", "cache_length", "kv_heads", None)
+
+
+def cache_sharding(mesh, rules: Rules, shape: Sequence[int] | None = None) -> NamedSharding:
+    return logical_sharding(mesh, rules, CACHE_AXES, shape)
+
+
+def place_state(state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+    """A copy of an `nnx.split` state with every parameter placed by its logical axes on `mesh`."""
+    placed = jax.device_put(nnx.to_pure_dict(state), param_shardings(state, mesh, rules))
+    out = nnx.State(state)
+    nnx.replace_by_pure_dict(out, placed)
+    return out
 
 
 def replicated(mesh: Mesh) -> NamedSharding:
