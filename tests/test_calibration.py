@@ -311,3 +311,26 @@ def test_report_table_and_alpha_plot(tmp_path):
     assert "| streak | 0 | 3.000 | +50.0% | 2.000 | 0.600 | 0.500 | 0.300 | 0.400 |" in md
     plot_alpha(tmp_path / "alpha.png", rows, "test")
     assert (tmp_path / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_lora_calibration_raises_the_expected_streak(calib_setup):
+    """calibrate with train.lora_rank > 0: adapters only, base frozen; the export is an ordinary merged drafter."""
+    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax.data import verifier_data as vd
+    from train import calibrate
+
+    tmp = calib_setup
+    assert calibrate.main(_args(tmp, "streak_lora", "loss=streak", "train.lora_rank=4", "train.lora_alpha=16",
+                                "--no-eval")) == 0
+    train_src = vd.load_completions(tmp / "data", "train")
+    batches = vd.fixed_batches(train_src, seq_len=PROMPT + NEW, batch_size=4)
+    s = C.Settings(gamma=4, stride=1, windows=NEW, num_sampleable=V, mask_id=MASK)
+    base = load_pretrained(tmp / "drafter")
+    tuned = load_pretrained(tmp / "streak_lora" / "export")
+    before, after = C.window_stats(base, batches, s), C.window_stats(tuned, batches, s)
+    assert after["expected_streak"] > before["expected_streak"] + 0.02, (before, after)
+    b = nnx.to_pure_dict(nnx.state(base, nnx.Param))
+    t = nnx.to_pure_dict(nnx.state(tuned, nnx.Param))
+    np.testing.assert_array_equal(np.asarray(t["embed_tokens"]), np.asarray(b["embed_tokens"]))  # not a target
+    assert not np.array_equal(np.asarray(t["layers"][0]["self_attn"]["q_proj"]),
+                              np.asarray(b["layers"][0]["self_attn"]["q_proj"]))
