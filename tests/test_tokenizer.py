@@ -90,6 +90,19 @@ def test_round_trip_any_text(small_tok, text):
     assert tok.decode(tok.encode(text)) == text
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.one_of(st.text(), st.binary().map(lambda b: b.decode("latin-1")),
+                 st.binary().map(lambda b: b.decode("utf-8", errors="replace"))))
+def test_encode_gives_plain_ids_in_the_vocabulary_and_round_trips(small_tok, text):
+    """Any text (also text from arbitrary bytes): ids in [0, vocab_size), never pad / eos / mask, exact inverse."""
+    tok, _ = small_tok
+    ids = tok.encode(text)
+    assert all(isinstance(i, int) and 0 <= i < tok.vocab_size for i in ids)
+    assert not {tok.pad_id, tok.eos_id, tok.mask_id} & set(ids)
+    assert tok.decode(ids) == text
+    assert tok.encode_batch([text, text]) == [ids, ids]
+
+
 def test_round_trip_unseen_source_small(small_tok):
     tok, _ = small_tok
     for text in _unseen_stdlib_files(3):
