@@ -730,9 +730,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m eval.benchmark", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", default="configs/bench/tiny.yaml")
     ap.add_argument("--out", default=None, help="output directory (default results/<timestamp>)")
+    ap.add_argument("--dry-run", action="store_true", help="--config is then a run config of a pair "
+                    "(configs/pairs/*.yaml): print the decode's per-device memory and parameter shardings on its "
+                    "mesh (abstract when mesh.num_devices > 0), allocate nothing; exit 2 if it does not fit")
     ap.add_argument("overrides", nargs="*", help="key=value overrides of the benchmark config")
     args = ap.parse_args(argv)
+    if args.dry_run:
+        from specdiff_jax import dryrun
+
+        return dryrun.main(["--config", args.config, "--mode", "decode", *args.overrides])
     try:
+        from specdiff_jax.distributed import initialize
+
+        initialize()  # a multi-process job when JAX_COORDINATOR_ADDRESS / a TPU pod's environment says so
         cfg = load_bench_config(args.config, args.overrides)
         out = Path(args.out or f"results/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         result = run(cfg, out, config_path=args.config)

@@ -33,6 +33,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default=None, help="output directory (same as workdir=DIR)")
     p.add_argument("--no-eval", action="store_true", help="skip the final held-out / kernel evaluation")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="per-device memory of a calibration step on the config's "
+                   "mesh (model section = the drafter), nothing allocated; exit 2 if it does not fit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides; loss=X means calibrate.loss=X")
     return p.parse_intermixed_args(argv)
 
@@ -198,12 +200,27 @@ def main(argv=None) -> int:
     except (ConfigError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    from specdiff_jax.training import interrupted_message, run_program
+
+    if args.dry_run:  # shapes only: the drafter's architecture comes from the config, no dataset is read
+        from specdiff_jax.config import ModelConfig
+        from specdiff_jax.dryrun import run as dry_run
+
+        mc = Path(cfg.train.init_from or "") / "model_config.json"
+        if cfg.train.init_from and mc.is_file():  # the drafter's own config when it exists (as resolve() does)
+            cfg = cfg.replace(model=ModelConfig.load(mc))
+        return run_program(lambda: dry_run(cfg, "train"))[0] or 0
     if not cfg.workdir:
         print("error: no work dir: pass --workdir DIR (or workdir=DIR)", file=sys.stderr)
         return 2
-    from specdiff_jax.training import interrupted_message, run_program
 
-    status, out = run_program(lambda: run(cfg, evaluate_after=not args.no_eval))
+    def body():
+        from specdiff_jax.distributed import initialize
+
+        initialize(cfg.mesh)  # multi-process jobs (config keys or JAX_* environment); before any device use
+        return run(cfg, evaluate_after=not args.no_eval)
+
+    status, out = run_program(body)
     if status is not None:
         return status
     result, _ = out

@@ -19,6 +19,8 @@ def parse_args(argv=None):
     p.add_argument("--config", required=True, help="YAML run config (e.g. configs/models/tiny_verifier.yaml)")
     p.add_argument("--workdir", default=None, help="output directory (same as the override workdir=DIR)")
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    p.add_argument("--dry-run", action="store_true", help="build the mesh (mesh.num_devices > 0: abstract), print "
+                   "per-device memory and parameter shardings, allocate nothing; exit 2 if it does not fit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys")
     return p.parse_args(argv)
 
@@ -37,13 +39,24 @@ def main(argv=None) -> int:
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
+    if args.dry_run:
+        from specdiff_jax.dryrun import run as dry_run
+        from specdiff_jax.training import run_program
+
+        return run_program(lambda: dry_run(cfg, "train"))[0] or 0
     if not cfg.workdir:
         print("error: no work dir: pass --workdir DIR (or workdir=DIR)", file=sys.stderr)
         return 2
 
     from specdiff_jax.training import interrupted_message, run_program, train
 
-    status, result = run_program(lambda: train(cfg, cfg.workdir))
+    def body():
+        from specdiff_jax.distributed import initialize
+
+        initialize(cfg.mesh)  # multi-process jobs (config keys or JAX_* environment); before any device use
+        return train(cfg, cfg.workdir)
+
+    status, result = run_program(body)
     if status is not None:
         return status
     if result.status == "interrupted":

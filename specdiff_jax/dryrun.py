@@ -1,0 +1,374 @@
+"""Dry runs: the mesh, every shape (`jax.eval_shape`, nothing allocated) and the per-device memory of a run.
+
+    python -m train.pretrain  --config configs/models/qwen2.5-72b.yaml --dry-run            # training
+    python -m train.calibrate --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run  # calibration
+    python -m eval.benchmark  --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run  # decoding
+    python -m specdiff_jax.dryrun --config FILE [--mode train|decode] [key=value ...]
+
+With `mesh.num_devices = N > 0` the mesh is an `AbstractMesh` of N devices (no device needed: a 256-device pod is
+planned on a laptop); with 0 it is the real devices'. Per device it reports parameters, optimizer state, gradients,
+activations and KV caches, and the sharding of every parameter group, then checks the total against
+`mesh.device_memory_gb` (0 = the device's own figure where JAX reports one). A config that does not fit raises
+`DoesNotFit` (a ConfigError: the programs exit with status 2) naming the need, the budget and what to change.
+
+Exact (from shapes and shardings): parameters, optimizer state, gradients, KV caches. Estimated (a formula over
+the same shapes, stated in `activation_bytes` / `decode_activation_bytes`): activations, which XLA decides; the
+training estimate assumes no rematerialisation (every layer's intermediates kept for the backward pass), the
+decode estimate is the largest single forward of a round (prefill, drafter, verifier).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from specdiff_jax import sharding as shd
+from specdiff_jax.config import ConfigError, ModelConfig
+from specdiff_jax.configs import CONFIGS_DIR, Config, load_config
+
+GiB = 1024 ** 3
+
+
+class DoesNotFit(ConfigError):
+    """The run needs more memory per device than the mesh declares."""
+
+
+@contextlib.contextmanager
+def _fast_abstract_init():
+    """Abstract model construction in linear time.
+
+    flax's Variable setter probes `.sharding` on every RNG-counter update; on a tracer jax answers with an
+    AttributeError whose message walks the whole trace so far (`_origin_msg`), which makes `nnx.eval_shape` of a
+    72B model quadratic (minutes). The message is never shown here, so it is skipped while shapes are built.
+    """
+    from jax._src.interpreters import partial_eval as pe
+
+    cls = getattr(pe, "DynamicJaxprTracer", None)
+    old = getattr(cls, "_origin_msg", None) if cls is not None else None
+    if old is None:
+        yield
+        return
+    cls._origin_msg = lambda self: ""
+    try:
+        yield
+    finally:
+        cls._origin_msg = old
+
+
+@dataclasses.dataclass
+class Report:
+    mode: str
+    mesh: dict  # axis -> size
+    abstract: bool
+    rows: list[tuple[str, int, str]]  # (what, bytes per device, note)
+    groups: list[tuple[str, str, str, int]]  # (parameter group, global shape, spec, bytes per device)
+    budget: int | None  # bytes per device, None = unknown
+
+    @property
+    def total(self) -> int:
+        return sum(b for _, b, _ in self.rows)
+
+    @property
+    def fits(self) -> bool:
+        return self.budget is None or self.total <= self.budget
+
+    def table(self) -> str:
+        ms = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
+        n = math.prod(self.mesh.values())
+        lines = [f"dry run ({self.mode}): mesh {ms} = {n} devices ({'abstract' if self.abstract else 'real'})", "",
+                 "| per device | GiB | |", "|---|---|---|"]
+        lines += [f"| {w} | {b / GiB:.2f} | {note} |" for w, b, note in self.rows]
+        budget = "not declared (mesh.device_memory_gb)" if self.budget is None else f"{self.budget / GiB:.2f}"
+        verdict = "fits" if self.fits else "DOES NOT FIT"
+        lines += [f"| **total** | **{self.total / GiB:.2f}** | device memory {budget}: {verdict} |", "",
+                  "| parameter group | global shape | sharding | GiB per device |", "|---|---|---|---|"]
+        lines += [f"| {g} | {s} | {sp} | {b / GiB:.3f} |" for g, s, sp, b in self.groups]
+        return "\n".join(lines)
+
+
+# --- sizes ----------------------------------------------------------------------------------------------
+
+
+def _itemsize(dtype) -> int:
+    return jnp.dtype(dtype).itemsize
+
+
+def per_device_bytes(shape, dtype, sharding) -> int:
+    """Bytes one device holds of an array of `shape` placed by `sharding` (NamedSharding, abstract mesh ok)."""
+    return int(np.prod(sharding.shard_shape(tuple(shape)), dtype=np.int64)) * _itemsize(dtype)
+
+
+def _tree_bytes(shapes, shardings) -> int:
+    return sum(per_device_bytes(s.shape, s.dtype, sh) for s, sh in zip(jax.tree.leaves(shapes),
+                                                                        jax.tree.leaves(shardings)))
+
+
+def _factor(mesh, rules, name: str, size: int) -> int:
+    """How many ways a dimension of logical axis `name` and `size` is split on `mesh`."""
+    spec = shd.logical_to_spec((name,), rules, mesh, (size,))[0]
+    axes = () if spec is None else (spec,) if isinstance(spec, str) else spec
+    return math.prod(mesh.shape[a] for a in axes)
+
+
+def _groups(abstract_state, mesh, rules) -> list[tuple[str, str, str, int]]:
+    """Parameter groups (layer index folded into `*`): global shape of one member, spec, bytes per device (all)."""
+    axes = shd.param_logical_axes(abstract_state)
+    out: dict[str, list] = {}
+    for path, var in abstract_state.flat_state():
+        keys = [str(k) for k in path]
+        ax = axes
+        for k in path:
+            ax = ax[k]
+        val = var.get_value() if hasattr(var, "get_value") else var.value
+        shape, dtype = val.shape, val.dtype
+        sh = shd.logical_sharding(mesh, rules, ax, shape)
+        name = ".".join("*" if re.fullmatch(r"\d+", k) else k for k in keys)
+        g = out.setdefault(name, [str(tuple(shape)), str(sh.spec).replace("PartitionSpec", "P"), 0])
+        g[2] += per_device_bytes(shape, dtype, sh)
+    return [(k, s, sp, b) for k, (s, sp, b) in out.items()]
+
+
+# --- activation estimates --------------------------------------------------------------------------------
+
+
+def activation_bytes(m: ModelConfig, mesh, rules, *, rows: int, tokens: int, keys: int | None = None,
+                     backward: bool = True, logits_tokens: int | None = None) -> int:
+    """Per-device activation bytes of one forward (backward=False: the largest layer, transient) or of a
+    forward kept for the backward pass (backward=True: every layer's intermediates, no rematerialisation).
+
+    rows: sequences (batch-sharded over the mesh's batch axes); tokens: queries per row; keys: keys each query
+    scores (default tokens); logits_tokens: positions that get vocabulary logits (default tokens).
+    Per layer and row: 5 residual-width tensors, q/k/v/context (heads, kv_heads sharded), the f32 scores and
+    probabilities plus their compute-dtype copy, 4 SwiGLU-width tensors (mlp sharded). Logits: 3 f32 copies.
+    """
+    c = _itemsize(m.dtype)
+    keys = tokens if keys is None else keys
+    lt = tokens if logits_tokens is None else logits_tokens
+    b = -(-rows // _factor(mesh, rules, "batch", rows))
+    fh = _factor(mesh, rules, "heads", m.num_heads * m.head_dim)
+    fk = _factor(mesh, rules, "kv_heads", m.num_kv_heads * m.head_dim)
+    fm = _factor(mesh, rules, "mlp", m.intermediate_size)
+    fv = _factor(mesh, rules, "vocab", m.vocab_size)
+    heads = m.num_heads / fh
+    layer = tokens * (5 * m.hidden_size * c + 3 * m.num_heads * m.head_dim / fh * c
+                      + 3 * m.num_kv_heads * m.head_dim / fk * c + 4 * m.intermediate_size / fm * c)
+    layer += heads * tokens * keys * (4 + 4 + c)
+    logits = lt * m.vocab_size / fv * 4 * 3
+    layers = m.num_layers if backward else 1
+    return int(b * (layers * layer + logits))
+
+
+def _calibration_tokens(cfg: Config) -> tuple[int, int]:
+    """(queries, logit positions) per row of a calibration step: the causal pass over the row plus
+    windows x gamma block queries (each window's block attends to its prefix and itself)."""
+    gamma = cfg.calibrate.gamma or cfg.model.block_size
+    windows = cfg.calibrate.windows_per_row or max(cfg.data.seq_len // cfg.calibrate.stride, 1)
+    return cfg.data.seq_len + windows * gamma, windows * gamma
+
+
+# --- the two modes ---------------------------------------------------------------------------------------
+
+
+def resolve_mesh(cfg: Config):
+    """(mesh, abstract?) for the config: an AbstractMesh of mesh.num_devices, or the real devices."""
+    if cfg.mesh.num_devices > 0:
+        return shd.abstract_mesh(cfg.mesh, cfg.mesh.num_devices), True
+    return shd.make_mesh(cfg.mesh), False
+
+
+def _budget(cfg: Config, mesh, abstract: bool) -> int | None:
+    if cfg.mesh.device_memory_gb > 0:
+        return int(cfg.mesh.device_memory_gb * GiB)
+    if not abstract:
+        stats = jax.devices()[0].memory_stats() or {}
+        if stats.get("bytes_limit"):
+            return int(stats["bytes_limit"])
+    return None
+
+
+def _abstract_params(m: ModelConfig):
+    from flax import nnx
+
+    from specdiff_jax.model import Transformer
+
+    return nnx.split(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))[1]
+
+
+def _params_row(abstract_state, mesh, rules) -> int:
+    from flax import nnx
+
+    return _tree_bytes(nnx.to_pure_dict(abstract_state), shd.param_shardings(abstract_state, mesh, rules))
+
+
+def verifier_config(cfg: Config) -> ModelConfig | None:
+    ref = cfg.pair.verifier_config
+    if not ref:
+        return None
+    for cand in (CONFIGS_DIR / ref, Path(ref)):
+        if cand.is_file():
+            return load_config(cand, tokenizer=_NoTokenizer()).model
+    raise ConfigError(f"pair.verifier_config={ref!r} was found neither under {CONFIGS_DIR} nor at that path; "
+                      "point it at a run config such as models/qwen2.5-72b.yaml")
+
+
+class _NoTokenizer:
+    """Model keys left at `tokenizer` in a verifier config: a dry run reads no tokenizer files."""
+
+    def __getattr__(self, name):
+        raise ConfigError("pair.verifier_config must give vocab_size / eos / pad ids as numbers for a dry run")
+
+
+def train_report(cfg: Config) -> Report:
+    """Per-device memory of one training step of `cfg` (pretraining or calibration)."""
+    from specdiff_jax import objectives, training
+
+    mesh, abstract = resolve_mesh(cfg)
+    rules = cfg.mesh.logical_axis_rules
+    objective = None if cfg.train.objective in objectives.OBJECTIVES else _no_objective
+    prog = training.programs(cfg, mesh, objective)
+    shapes, st_sh = prog.shapes, prog.state_sh
+    _, abstract_state = training.abstract_model(cfg)
+    m, tc = cfg.model, cfg.train
+    rows = []
+    params_b = _tree_bytes(shapes["params"], st_sh["params"])
+    lora = getattr(tc, "lora_rank", 0) > 0
+    if lora:
+        rows.append(("frozen base parameters", _params_row(abstract_state, mesh, rules), str(m.param_dtype)))
+        rows.append((f"LoRA adapters (rank {tc.lora_rank})", params_b, "trained"))
+    else:
+        rows.append(("parameters", params_b, str(m.param_dtype)))
+    rows.append(("optimizer state (AdamW)", _tree_bytes(shapes["opt_state"], st_sh["opt_state"]),
+                 "moments sharded like the trained parameters"))
+    rows.append(("gradients", params_b * (2 if tc.grad_accum > 1 else 1),
+                 "+ accumulator" if tc.grad_accum > 1 else "one copy"))
+    B = cfg.data.batch_size
+    if tc.objective == "calibrate":
+        from specdiff_jax.calibration import check_drafter
+
+        check_drafter(m)  # calibration trains block_causal drafters only: say so before any figure
+        q, lt = _calibration_tokens(cfg)
+        note = f"estimate: {B} rows x ({cfg.data.seq_len} + windows x gamma = {q} queries), no remat"
+        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=cfg.data.seq_len, logits_tokens=lt)
+        rows.append(("activations", act, note))
+        v = verifier_config(cfg)
+        if cfg.calibrate.loss in ("kd_first", "kd_window") and v is not None:  # the frozen teacher
+            rows.append(("verifier (teacher) parameters", _params_row(_abstract_params(v), mesh, rules),
+                         f"frozen, {v.param_dtype}"))
+            rows.append(("verifier forward", activation_bytes(v, mesh, rules, rows=B, tokens=cfg.data.seq_len,
+                                                              backward=False), "estimate: one layer at a time"))
+    else:
+        T = cfg.data.seq_len * (2 if tc.objective == "mdlm" else 1)  # mdlm: the two-stream layout
+        act = activation_bytes(m, mesh, rules, rows=B, tokens=T)
+        rows.append(("activations", act, f"estimate: {B} rows x {T} tokens per micro-batch, no remat"))
+    rows.append(("KV cache", 0, "none in training"))
+    return Report("train", dict(mesh.shape), abstract, rows, _groups(abstract_state, mesh, rules),
+                  _budget(cfg, mesh, abstract))
+
+
+def _no_objective(model, batch, rng):  # calibration shapes: the objective is never traced in a dry run
+    raise NotImplementedError
+
+
+def decode_report(cfg: Config) -> Report:
+    """Per-device memory of speculative decoding with the pair of `cfg` (model = drafter, pair.verifier_config =
+    verifier); without a pair section, autoregressive decoding of `cfg.model`."""
+    from specdiff_jax.cache import KVCache
+
+    mesh, abstract = resolve_mesh(cfg)
+    rules = cfg.mesh.logical_axis_rules
+    p = cfg.pair
+    v = verifier_config(cfg)
+    d = cfg.model if v is not None else None
+    v = v or cfg.model
+    B, P, N = p.batch_size, p.prompt_tokens, p.max_new_tokens
+    G, K = (p.gamma, p.num_drafts) if d is not None else (0, 1)
+    cap = P + N + G
+    for who, mc in (("verifier", v), ("drafter", d)):
+        if mc is not None and cap > mc.max_seq_len and (who == "verifier" or mc.attention != "bidirectional"):
+            raise ConfigError(f"pair: prompt_tokens + max_new_tokens + gamma = {cap} exceeds the {who}'s "
+                              f"max_seq_len={mc.max_seq_len}; lower pair.prompt_tokens / max_new_tokens")
+    rows, groups = [], []
+    v_state = _abstract_params(v)
+    rows.append(("verifier parameters", _params_row(v_state, mesh, rules), f"{v.param_dtype}, frozen"))
+    groups += [("verifier." + g, *rest) for g, *rest in _groups(v_state, mesh, rules)]
+
+    def cache_bytes(mc):
+        c = jax.eval_shape(lambda: KVCache.init(mc, B, min(cap, mc.max_seq_len)))
+        sh = shd.cache_sharding(mesh, rules, c.k.shape)
+        return 2 * per_device_bytes(c.k.shape, c.k.dtype, sh), str(sh.spec).replace("PartitionSpec", "P")
+
+    vc, vspec = cache_bytes(v)
+    acts = [("prefill", activation_bytes(v, mesh, rules, rows=B, tokens=P, backward=False, logits_tokens=1)),
+            ("verify", activation_bytes(v, mesh, rules, rows=B, tokens=K * (G + 1), keys=cap + K * (G + 1),
+                                        backward=False))]
+    if d is not None:
+        d_state = _abstract_params(d)
+        rows.append(("drafter parameters", _params_row(d_state, mesh, rules), f"{d.param_dtype}, frozen"))
+        groups += [("drafter." + g, *rest) for g, *rest in _groups(d_state, mesh, rules)]
+        if d.attention == "bidirectional":  # re-encodes a window each round: no cache
+            W = max(1, min(p.draft_window, P + N, d.max_seq_len - G))
+            acts.append(("draft", activation_bytes(d, mesh, rules, rows=B * K, tokens=W + G, backward=False,
+                                                   logits_tokens=G)))
+        else:
+            dc, _ = cache_bytes(d)
+            rows.append(("drafter KV cache", dc, f"[{d.num_layers}, {B}, {cap}, {d.num_kv_heads}, {d.head_dim}] x 2"))
+            acts.append(("draft", activation_bytes(d, mesh, rules, rows=B, tokens=2 * G + 1 + (K - 1) * G,
+                                                   keys=cap, backward=False)))
+    name, act = max(acts, key=lambda a: a[1])
+    probs = B * K * (G + 1) * v.num_sampleable * 4 * 3  # p (and q) over the sampleable vocabulary, f32, replicated
+    rows.append(("activations", act + probs, f"estimate: largest forward of a round ({name}) + probabilities"))
+    rows.append(("verifier KV cache", vc, f"[{v.num_layers}, {B}, {cap}, {v.num_kv_heads}, {v.head_dim}] x 2, "
+                                          f"{vspec}"))
+    return Report("decode", dict(mesh.shape), abstract, rows, groups, _budget(cfg, mesh, abstract))
+
+
+def check(report: Report) -> None:
+    if not report.fits:
+        worst = max(report.rows, key=lambda r: r[1])
+        raise DoesNotFit(
+            f"the {report.mode} run needs {report.total / GiB:.2f} GiB per device but mesh.device_memory_gb="
+            f"{report.budget / GiB:.2f}; the largest item is {worst[0]} ({worst[1] / GiB:.2f} GiB). Use more "
+            "devices (mesh.num_devices) or shard more (mesh.fsdp / mesh.tensor), lower data.batch_size (raising "
+            "train.grad_accum keeps the tokens per update) or data.seq_len (decoding: pair.batch_size / "
+            "prompt_tokens), or bf16 parameters (model.param_dtype=bfloat16)")
+
+
+def run(cfg: Config, mode: str, *, out=print) -> Report:
+    """Print the dry-run table of `mode` (train | decode) and raise DoesNotFit if it does not fit."""
+    with _fast_abstract_init():
+        report = train_report(cfg) if mode == "train" else decode_report(cfg)
+    out(report.table())
+    check(report)
+    return report
+
+
+def main(argv=None) -> int:
+    import argparse
+
+    ap = argparse.ArgumentParser(prog="python -m specdiff_jax.dryrun", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--mode", choices=("train", "decode", "both"), default="both")
+    ap.add_argument("overrides", nargs="*", metavar="key=value")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides, tokenizer=_NoTokenizer())
+        for mode in (("train", "decode") if args.mode == "both" else (args.mode,)):
+            run(cfg, mode)
+            print()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,117 @@
+"""Dry runs of the 7B-class configs on abstract meshes (no devices, nothing allocated): exact parameter bytes per
+device, the fit check and its exit status, and the activation estimate against XLA's own figure."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from specdiff_jax import dryrun, sharding as shd, training
+from specdiff_jax.configs import load_config
+
+ROOT = Path(__file__).resolve().parent.parent
+PAIRS = sorted(p.stem for p in (ROOT / "configs" / "pairs").glob("*.yaml"))
+MODELS = ["qwen2.5-7b", "qwen2.5-14b", "qwen2.5-72b"]
+# parameter counts of the HF checkpoints (embeddings included, untied)
+PARAMS = {"qwen2.5-7b": 7.616e9, "qwen2.5-14b": 14.770e9, "qwen2.5-72b": 72.706e9}
+
+
+def _cfg(path, *overrides):
+    return load_config(ROOT / "configs" / path, list(overrides), tokenizer=dryrun._NoTokenizer())
+
+
+def _expected_param_bytes(m, n, tensor):
+    """bf16 bytes per device: every matrix split over all n devices, RMSNorm scales replicated, q/k/v biases
+    split over the tensor axis (they divide it in all these models)."""
+    norms = (2 * m.num_layers + 1) * m.hidden_size
+    biases = m.num_layers * (m.num_heads + 2 * m.num_kv_heads) * m.head_dim
+    return 2 * ((m.num_params() - norms - biases) / n + norms + biases / tensor)
+
+
+def _row(report, name):
+    return next(b for w, b, _ in report.rows if w == name)
+
+
+def test_the_pairs_are_the_papers_models():
+    assert PAIRS == [f"{d}_qwen2.5-{v}" for d in ("diffucoder7b", "dream7b") for v in ("14b", "72b", "7b")]
+    for name, n in PARAMS.items():
+        m = _cfg(f"models/{name}.yaml").model
+        assert abs(m.num_params() / n - 1) < 1e-3, (name, m.num_params())
+        assert (m.vocab_size, m.head_dim, m.rope_theta, m.qkv_bias, m.tie_embeddings) == (152064, 128, 1e6, True, False)
+    d = _cfg("models/diffucoder-7b.yaml").model
+    assert (d.attention, d.logit_shift, d.mask_token_id, d.num_params()) == ("bidirectional", True, 151666,
+                                                                              _cfg("models/qwen2.5-7b.yaml").model.num_params())
+
+
+@pytest.mark.parametrize("pair", PAIRS)
+def test_decode_dry_run_of_each_pair_fits_its_slice(pair):
+    cfg = _cfg(f"pairs/{pair}.yaml")
+    lines = []
+    r = dryrun.run(cfg, "decode", out=lines.append)
+    assert r.abstract and r.fits and math.prod(r.mesh.values()) == cfg.mesh.num_devices
+    n = cfg.mesh.num_devices
+    v = dryrun.verifier_config(cfg)
+    assert _row(r, "verifier parameters") == _expected_param_bytes(v, n, cfg.mesh.tensor)
+    assert _row(r, "drafter parameters") == _expected_param_bytes(cfg.model, n, cfg.mesh.tensor)
+    kv = 2 * v.num_layers * cfg.pair.batch_size * (1024 + 1024 + 32) * v.num_kv_heads * v.head_dim * 2
+    kv_split = cfg.mesh.tensor if v.num_kv_heads % cfg.mesh.tensor == 0 else 1
+    assert _row(r, "verifier KV cache") == kv // kv_split
+    assert any("verifier.layers.*.self_attn.q_proj" in line for line in lines[0].splitlines())
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_train_dry_run_of_each_verifier_on_its_pod(model):
+    cfg = _cfg(f"models/{model}.yaml")
+    r = dryrun.run(cfg, "train", out=lambda s: None)
+    n = cfg.mesh.num_devices
+    assert r.fits and math.prod(r.mesh.values()) == n
+    assert _row(r, "parameters") == _expected_param_bytes(cfg.model, n, cfg.mesh.tensor)
+    assert _row(r, "optimizer state (AdamW)") == pytest.approx(2 * _row(r, "parameters"), rel=1e-3)
+
+
+def test_programs_dry_run_and_refuse_clearly_when_it_does_not_fit(capsys):
+    from eval.benchmark import main as bench_main
+    from train.pretrain import main as pretrain_main
+
+    mesh = shd.abstract_mesh(_cfg("models/qwen2.5-72b.yaml").mesh, 256)  # the 72B pod: no devices needed
+    assert dict(mesh.shape) == {"data": 1, "fsdp": 64, "tensor": 4}
+    # the 72B pair on a v5e-8 (8 x 16 GiB): its bf16 verifier alone is 16.9 GiB per device
+    rc = bench_main(["--dry-run", "--config", str(ROOT / "configs/pairs/diffucoder7b_qwen2.5-72b.yaml"),
+                     "mesh.device_memory_gb=16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith("error: the decode run needs 19.6") and "verifier parameters" in err
+    rc = pretrain_main(["--config", str(ROOT / "configs/models/qwen2.5-7b.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "| layers.*.mlp.up_proj | (3584, 18944) | P('fsdp', None) |" in out
+    rc = pretrain_main(["--config", str(ROOT / "configs/models/qwen2.5-7b.yaml"), "--dry-run",
+                        "mesh.device_memory_gb=16"])  # 7B training on v5e chips: activations do not fit
+    out, err = capsys.readouterr()
+    assert rc == 2 and "DOES NOT FIT" in out and "mesh.device_memory_gb=16.00" in err and "activations" in err
+
+
+def test_calibration_dry_run_of_a_dream_drafter_is_refused_naming_why(capsys):
+    from train.calibrate import main
+
+    rc = main(["--config", str(ROOT / "configs/pairs/dream7b_qwen2.5-7b.yaml"), "--dry-run"])
+    assert rc == 2 and "block_causal diffusion drafter" in capsys.readouterr().err
+
+
+def test_activation_estimate_is_within_a_factor_of_xla():
+    """The training activation formula against XLA's temporary allocation for the same step on this CPU."""
+    cfg = load_config(None, ["model.vocab_size=256", "model.hidden_size=128", "model.num_layers=2",
+                             "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=32",
+                             "model.intermediate_size=512", "model.max_seq_len=128", "model.eos_token_id=1",
+                             "model.pad_token_id=0", "data.seq_len=64", "data.batch_size=8"])
+    mesh = shd.make_mesh(cfg.mesh, jax.devices()[:1])
+    prog = training.programs(cfg, mesh)
+    tokens = jax.ShapeDtypeStruct((1, 8, 64), np.int32)
+    args = [prog.shapes, {"tokens": tokens, "segment_ids": tokens}]
+    if getattr(prog, "frozen_sh", "absent") is None:  # the LoRA-era step signature
+        args.append(None)
+    xla = prog.train_step.lower(*args).compile().memory_analysis().temp_size_in_bytes
+    est = dryrun.activation_bytes(cfg.model, mesh, cfg.mesh.logical_axis_rules, rows=8, tokens=64)
+    assert 0.5 < est / xla < 2, (est, xla)
