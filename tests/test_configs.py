@@ -39,10 +39,12 @@ def test_defaults_file_lists_every_key_with_a_comment_and_matches_the_dataclasse
                 assert f.name in TOKENIZER_FIELDS
                 continue
             default = f.default
-            if isinstance(default, tuple):
-                default = [list(r) if isinstance(r, tuple) else r for r in default]
+            if isinstance(default, tuple) and default and isinstance(default[0], tuple):  # rule pairs
+                default = [list(r) for r in default]
                 value = [[a, list(b) if isinstance(b, list) else b] for a, b in value]
                 default = [[a, list(b) if isinstance(b, tuple) else b] for a, b in default]
+            elif isinstance(default, tuple):  # a list of names
+                default = list(default)
             assert value == default, f"{name}.{f.name}: defaults.yaml {value!r} != dataclass {default!r}"
     # every key line carries a comment
     for line in DEFAULTS_PATH.read_text().splitlines():
