@@ -197,7 +197,9 @@ def test_8_devices_train_step_and_greedy_generate_equal_1_device(tmp_path):
         np.testing.assert_allclose(r["loss"][name], ref, rtol=0, atol=1e-5, err_msg=name)
         assert r["tokens"][name] == r["tokens"]["1 device"], name
     assert r["ar_equal"]  # the speculative kernel is lossless here too: a real comparison, not two empty outputs
-    assert r["q_spec"] == "PartitionSpec(None, 'tensor')" and r["fsdp_spec"] == "PartitionSpec('fsdp', None)"
+    from jax.sharding import PartitionSpec as P
+
+    assert r["q_spec"] == str(P(None, "tensor")) and r["fsdp_spec"] == str(P("fsdp", None))  # really split
 
 
 # --- 2 processes (loopback coordinator) -> checkpoint -> 1 process continues ---------------------------
