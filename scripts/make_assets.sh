@@ -10,23 +10,28 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs}
-VERIFIER_STEPS=${VERIFIER_STEPS:-280}
-DRAFTER_STEPS=${DRAFTER_STEPS:-300}
-AR_DRAFTER_STEPS=${AR_DRAFTER_STEPS:-400}
-CALIB_STEPS=${CALIB_STEPS:-200}
-GEN_PROMPTS=${GEN_PROMPTS:-256}
+VERIFIER_STEPS=${VERIFIER_STEPS:-500}
+DRAFTER_STEPS=${DRAFTER_STEPS:-350}
+AR_DRAFTER_STEPS=${AR_DRAFTER_STEPS:-300}
+CALIB_STEPS=${CALIB_STEPS:-150}
+GEN_PROMPTS=${GEN_PROMPTS:-384}
+KD=${KD:-auto}   # the KD drafter shipped beside the streak one: kd_first | kd_window | auto (more tokens per call)
 
 bash scripts/prepare_data.sh data
 "$PY" -m train.pretrain --config configs/models/tiny_verifier.yaml --workdir "$RUNS/verifier" \
-    model.num_layers=6 train.steps="$VERIFIER_STEPS" train.warmup_steps=100 train.lr=2e-3
+    train.steps="$VERIFIER_STEPS" train.warmup_steps=150
 "$PY" -m train.pretrain --config configs/models/tiny_drafter.yaml --workdir "$RUNS/drafter_base" \
     data.seq_len=256 data.batch_size=8 train.steps="$DRAFTER_STEPS" train.warmup_steps=80
 "$PY" -m train.pretrain --config configs/models/tiny_ar_drafter.yaml --workdir "$RUNS/drafter_ar" \
     train.steps="$AR_DRAFTER_STEPS" train.warmup_steps=60
 "$PY" scripts/write_manifest.py --stage base --runs "$RUNS"
 "$PY" -m train.generate_data --config configs/calibrate/generate_tiny.yaml generate.num_prompts="$GEN_PROMPTS"
-for loss in streak kd_window; do
+for loss in streak kd_first kd_window; do
   "$PY" -m train.calibrate --config configs/calibrate/tiny.yaml --workdir "$RUNS/drafter_$loss" loss=$loss \
-      train.steps="$CALIB_STEPS"
+      train.steps="$CALIB_STEPS" train.eval_every=75 calibrate.eval_prompts=0
 done
-"$PY" scripts/write_manifest.py --stage calibrated --runs "$RUNS"
+# alpha_j by position and tokens per verifier call of every drafter, in the decode kernel (greedy, held-out prompts)
+"$PY" -m eval.calibration_report --out "$RUNS/report" --drafter base="$RUNS/drafter_base/export" \
+    --drafter kd_first="$RUNS/drafter_kd_first/export" --drafter kd_window="$RUNS/drafter_kd_window/export" \
+    --drafter streak="$RUNS/drafter_streak/export" --windows data/verifier_completions
+"$PY" scripts/write_manifest.py --stage calibrated --runs "$RUNS" --kd "$KD" --report "$RUNS/report/report.json"
