@@ -10,25 +10,25 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-.venv/bin/python}
 RUNS=${RUNS:-runs}
-VERIFIER_STEPS=${VERIFIER_STEPS:-500}
-DRAFTER_STEPS=${DRAFTER_STEPS:-350}
-AR_DRAFTER_STEPS=${AR_DRAFTER_STEPS:-300}
-CALIB_STEPS=${CALIB_STEPS:-150}
-GEN_PROMPTS=${GEN_PROMPTS:-384}
+VERIFIER_STEPS=${VERIFIER_STEPS:-2000}
+DRAFTER_STEPS=${DRAFTER_STEPS:-1500}
+AR_DRAFTER_STEPS=${AR_DRAFTER_STEPS:-800}
+CALIB_STEPS=${CALIB_STEPS:-800}
+GEN_PROMPTS=${GEN_PROMPTS:-768}
 KD=${KD:-auto}   # the KD drafter shipped beside the streak one: kd_first | kd_window | auto (more tokens per call)
 
 bash scripts/prepare_data.sh data
 "$PY" -m train.pretrain --config configs/models/tiny_verifier.yaml --workdir "$RUNS/verifier" \
-    train.steps="$VERIFIER_STEPS" train.warmup_steps=150
+    train.steps="$VERIFIER_STEPS"
 "$PY" -m train.pretrain --config configs/models/tiny_drafter.yaml --workdir "$RUNS/drafter_base" \
-    data.seq_len=256 data.batch_size=8 train.steps="$DRAFTER_STEPS" train.warmup_steps=80
+    data.seq_len=256 data.batch_size=8 train.steps="$DRAFTER_STEPS" train.warmup_steps=100
 "$PY" -m train.pretrain --config configs/models/tiny_ar_drafter.yaml --workdir "$RUNS/drafter_ar" \
-    train.steps="$AR_DRAFTER_STEPS" train.warmup_steps=60
+    train.steps="$AR_DRAFTER_STEPS" train.warmup_steps=80
 "$PY" scripts/write_manifest.py --stage base --runs "$RUNS"
 "$PY" -m train.generate_data --config configs/calibrate/generate_tiny.yaml generate.num_prompts="$GEN_PROMPTS"
 for loss in streak kd_first kd_window; do
   "$PY" -m train.calibrate --config configs/calibrate/tiny.yaml --workdir "$RUNS/drafter_$loss" loss=$loss \
-      train.steps="$CALIB_STEPS" train.eval_every=75 calibrate.eval_prompts=0
+      train.steps="$CALIB_STEPS" calibrate.eval_prompts=0
 done
 # alpha_j by position and tokens per verifier call of every drafter, in the decode kernel (greedy, held-out prompts)
 "$PY" -m eval.calibration_report --out "$RUNS/report" --drafter base="$RUNS/drafter_base/export" \

