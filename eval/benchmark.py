@@ -511,7 +511,9 @@ def write_plots(out: Path, rows: list[dict], budget_rows: list[dict]) -> list[st
     for temp in sorted({r["temperature"] for r in main}):
         rs = [r for r in main if r["temperature"] == temp]
         fig, ax = plt.subplots(figsize=(6, 3.5))
-        ax.bar([r["method"] for r in rs], [r["speedup_vs_ar"] for r in rs], color="tab:blue")
+        bars = ax.bar([r["method"] for r in rs], [r["speedup_vs_ar"] for r in rs], color="tab:blue")
+        ax.bar_label(bars, fmt="%.2f", fontsize=8)
+        ax.tick_params(axis="x", labelrotation=20)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_ylabel("decode speed-up over ar")
         ax.set_title(f"speed-up, batch 1, temperature {temp}")

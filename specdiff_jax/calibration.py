@@ -346,15 +346,25 @@ def calibration_loss(s: Settings, drafter, batch: dict, rng: Array, verifier=Non
 
 
 def make_objective(s: Settings, verifier=None) -> Callable:
-    """`objective(drafter, batch, rng) -> (loss, metrics)` for the training loop. The verifier (frozen) is a
-    Transformer or None; its parameters are closed over (constants of the jitted step, never differentiated)."""
+    """The calibration objective for the training loop. The verifier (frozen) is a Transformer or None.
+
+    Losses without a teacher: `objective(drafter, batch, rng) -> (loss, metrics)`. kd_first / kd_window:
+    `objective(drafter, batch, rng, teacher)`, where teacher is the verifier's parameters as a pure dict; they
+    travel as `objective.aux` (with `objective.aux_state`, the nnx state whose logical axes place them) and the
+    training loop passes them to the jitted step as an input, sharded like the verifier's parameters. Closing over
+    them instead would make every teacher weight a constant of the compiled step: harmless for a tiny model,
+    wrong for a 7B one (the whole teacher inlined into the program, replicated, recompiled per teacher).
+    """
     if s.needs_verifier and verifier is None:
         raise ConfigError(f"calibrate.loss={s.loss} needs a verifier: set calibrate.verifier=<model dir>")
     if verifier is not None and s.needs_verifier:
         gv, vstate = nnx.split(verifier)
 
-        def objective(drafter, batch, rng):
-            return calibration_loss(s, drafter, batch, rng, nnx.merge(gv, jax.lax.stop_gradient(vstate)))
+        def objective(drafter, batch, rng, teacher):
+            return calibration_loss(s, drafter, batch, rng, nnx.merge(gv, jax.lax.stop_gradient(teacher)))
+
+        objective.aux_state = vstate
+        objective.aux = nnx.to_pure_dict(vstate)
     else:
         def objective(drafter, batch, rng):
             return calibration_loss(s, drafter, batch, rng)

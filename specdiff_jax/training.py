@@ -134,28 +134,39 @@ def _model_params(params, frozen, lora_scale):
     return lora.merge(frozen, params, lora_scale)
 
 
-def make_train_step(graphdef, objective, tx, schedule, lora_scale: float | None = None) -> Callable:
-    """`train_step(state, batch, frozen=None) -> (state, metrics)`, batch tokens/segment_ids int32[A, B, L]
-    (A micro-batches). With LoRA, state["params"] are the adapters and `frozen` the base parameters (an input,
-    never differentiated); the model is base + lora_scale * A @ B."""
+def _objective_call(objective, model, batch, rng, aux):
+    """`objective(model, batch, rng)`, or `objective(model, batch, rng, aux)` for objectives with inputs of their
+    own (`objective.aux`, e.g. a frozen teacher's parameters; see calibration.make_objective)."""
+    if getattr(objective, "aux", None) is not None:
+        return objective(model, batch, rng, aux)
+    return objective(model, batch, rng)
 
-    def loss_fn(params, batch, rng, frozen):
-        return objective(nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch, rng)
+
+def make_train_step(graphdef, objective, tx, schedule, lora_scale: float | None = None) -> Callable:
+    """`train_step(state, batch, frozen=None, aux=None) -> (state, metrics)`, batch tokens/segment_ids
+    int32[A, B, L] (A micro-batches). With LoRA, state["params"] are the adapters and `frozen` the base parameters
+    (an input, never differentiated); the model is base + lora_scale * A @ B. `aux` is the objective's own input
+    (`objective.aux`, e.g. the KD teacher's parameters): an argument of the step, so it is sharded like any
+    input and never baked into the compiled program as constants."""
+
+    def loss_fn(params, batch, rng, frozen, aux):
+        return _objective_call(objective, nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch,
+                               rng, aux)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch, frozen=None):
+    def train_step(state, batch, frozen=None, aux=None):
         params = state["params"]
         A = batch["tokens"].shape[0]
         rngs = jax.random.split(jax.random.fold_in(state["rng"], state["step"]), A)
 
         def micro(acc, xs):
             b, r = xs
-            (_, m), g = grad_fn(params, b, r, frozen)
+            (_, m), g = grad_fn(params, b, r, frozen, aux)
             return jax.tree.map(jnp.add, acc, g), m
 
         if A == 1:  # no loop: the common case compiles faster
-            (_, m), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rngs[0], frozen)
+            (_, m), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rngs[0], frozen, aux)
             ms = jax.tree.map(lambda x: x[None], m)
         else:
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -177,10 +188,11 @@ def make_train_step(graphdef, objective, tx, schedule, lora_scale: float | None 
 
 
 def make_eval_step(graphdef, objective, lora_scale: float | None = None) -> Callable:
-    """`eval_step(params, batch[B, L], rng, frozen=None) -> (sum of per-token loss, token count)`."""
+    """`eval_step(params, batch[B, L], rng, frozen=None, aux=None) -> (sum of per-token loss, token count)`."""
 
-    def eval_step(params, batch, rng, frozen=None):
-        _, m = objective(nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch, rng)
+    def eval_step(params, batch, rng, frozen=None, aux=None):
+        _, m = _objective_call(objective, nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch,
+                               rng, aux)
         return m["loss"] * m["tokens"], m["tokens"]
 
     return eval_step
@@ -197,10 +209,11 @@ class Programs:
     batch_sh: Any  # [A, B, L] micro-batch stack
     val_sh: Any  # [B, L]
     init: Callable  # init() or init(params) -> state
-    train_step: Callable  # (state, batch, frozen) -> (state, metrics); state donated; frozen None or LoRA base
-    eval_step: Callable  # (params, batch, rng, frozen) -> (loss sum, tokens)
+    train_step: Callable  # (state, batch, frozen, aux) -> (state, metrics); state donated; frozen None or LoRA base
+    eval_step: Callable  # (params, batch, rng, frozen, aux) -> (loss sum, tokens)
     frozen_sh: Any = None  # LoRA: shardings of the frozen base parameters (None: full training)
     lora_scale: float | None = None  # LoRA: lora_alpha / lora_rank
+    aux_sh: Any = None  # shardings of the objective's own input (objective.aux; None: it has none)
 
 
 def programs(cfg: Config, mesh, objective: Callable | None = None) -> Programs:
@@ -244,6 +257,9 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = Fals
     val_sh = shd.batch_sharding(mesh, rules, 2)
     rep = shd.replicated(mesh)
     objective = objective_impl if custom else make_objective(tc)  # built-in ones: the impl is the key only
+    aux_sh = None
+    if getattr(objective, "aux", None) is not None:  # e.g. a KD teacher: placed by its own logical axes
+        aux_sh = shd.param_shardings(objective.aux_state, mesh, rules)
     init_fresh = jax.jit(lambda: init_state(cfg, tx, None if fresh_params is None else fresh_params()),
                          out_shardings=st_sh)
     init_from = jax.jit(lambda p: init_state(cfg, tx, p), out_shardings=st_sh)
@@ -251,11 +267,11 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = Fals
         graphdef=graphdef, tx=tx, shapes=shapes, state_sh=st_sh, batch_sh=batch_sh, val_sh=val_sh,
         init=lambda params=None: init_fresh() if params is None else init_from(params),
         train_step=jax.jit(make_train_step(graphdef, objective, tx, schedule, lora_scale),
-                           in_shardings=(st_sh, batch_sh, frozen_sh), out_shardings=(st_sh, rep),
+                           in_shardings=(st_sh, batch_sh, frozen_sh, aux_sh), out_shardings=(st_sh, rep),
                            donate_argnums=(0,)),
         eval_step=jax.jit(make_eval_step(graphdef, objective, lora_scale),
-                          in_shardings=(st_sh["params"], val_sh, rep, frozen_sh)),
-        frozen_sh=frozen_sh, lora_scale=lora_scale,
+                          in_shardings=(st_sh["params"], val_sh, rep, frozen_sh, aux_sh)),
+        frozen_sh=frozen_sh, lora_scale=lora_scale, aux_sh=aux_sh,
     )
 
 
@@ -519,6 +535,7 @@ def train(
             meta["lora"] = {"rank": tc.lora_rank, "alpha": tc.lora_alpha, "targets": list(tc.lora_targets),
                             "base": str(tc.init_from)}
             frozen = jax.device_put(_load_init(cfg, tc.init_from), prog.frozen_sh)
+        aux = None if prog.aux_sh is None else jax.device_put(objective.aux, prog.aux_sh)
         start = mngr.latest_step()
         if start is not None:
             where = workdir / CHECKPOINT_DIR / str(start)
@@ -594,7 +611,7 @@ def train(
         def evaluate() -> dict:
             tot, n = 0.0, 0
             for i, b in enumerate(val_dev):
-                s, c = eval_fn(state["params"], b, jax.random.fold_in(val_rng, i), frozen)
+                s, c = eval_fn(state["params"], b, jax.random.fold_in(val_rng, i), frozen, aux)
                 tot += float(s)
                 n += int(c)
             loss = tot / max(n, 1)
@@ -627,7 +644,7 @@ def train(
                 if batch["tokens"].shape[-1] != cfg.data.seq_len:
                     raise ConfigError(f"training batches have length {batch['tokens'].shape[-1]} but "
                                       f"data.seq_len={cfg.data.seq_len}")
-                state, metrics = step_fn(state, _to_global(batch, batch_sh), frozen)
+                state, metrics = step_fn(state, _to_global(batch, batch_sh), frozen, aux)
                 step += 1
                 tokens_seen += tokens_per_step
                 mvals = {k: float(v) for k, v in metrics.items()}

@@ -220,6 +220,36 @@ def test_every_loss_is_finite_with_gradients_on_a_tiny_model():
         assert n == (5 * 2 if loss == "mdlm" else 14), (loss, n)  # windows starting inside a completion
 
 
+def test_kd_teacher_is_an_input_of_the_train_step_not_a_constant():
+    """kd_* objectives hand the verifier's parameters to the jitted step as an argument (objective.aux): one
+    compiled step serves any teacher of that shape, and each teacher gives its own closed-form-free reference
+    loss (calibration_loss with that verifier). A teacher closed over as constants could not be swapped at all."""
+    import optax
+
+    from specdiff_jax.training import make_train_step
+
+    d, v1, v2 = tiny(DCFG, 0), tiny(VCFG, 1), tiny(VCFG, 2)
+    tok, seg = _batch()
+    s = C.Settings(loss="kd_window", gamma=4, stride=2, windows=8, num_sampleable=V, mask_id=MASK)
+    obj = C.make_objective(s, v1)
+    assert C.make_objective(C.Settings(loss="streak", gamma=4, windows=8), v1).__dict__.get("aux") is None
+    gd, st = nnx.split(d)
+    params = nnx.to_pure_dict(st)
+    tx = optax.sgd(0.0)
+    step = jax.jit(make_train_step(gd, obj, tx, lambda i: 0.0))
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
+    batch = {"tokens": jnp.asarray(tok)[None], "segment_ids": jnp.asarray(seg)[None]}
+    losses = []
+    for v in (v1, v2):
+        _, m = step(state, batch, None, nnx.to_pure_dict(nnx.split(v)[1]))
+        ref, _ = C.calibration_loss(s, d, {"tokens": jnp.asarray(tok), "segment_ids": jnp.asarray(seg)},
+                                    jax.random.PRNGKey(0), v)
+        assert float(m["loss"]) == pytest.approx(float(ref), rel=1e-5)
+        losses.append(float(m["loss"]))
+    assert losses[0] != pytest.approx(losses[1], rel=1e-3), "the two teachers must give different KD losses"
+    assert step._cache_size() == 1, "swapping the teacher must not recompile the step"
+
+
 def test_refuses_unsupported_drafters():
     with pytest.raises(ConfigError, match="block_causal"):
         C.check_drafter(VCFG)
