@@ -209,8 +209,8 @@ class Programs:
     batch_sh: Any  # [A, B, L] micro-batch stack
     val_sh: Any  # [B, L]
     init: Callable  # init() or init(params) -> state
-    train_step: Callable  # (state, batch, frozen, aux) -> (state, metrics); state donated; frozen None or LoRA base
-    eval_step: Callable  # (params, batch, rng, frozen, aux) -> (loss sum, tokens)
+    train_step: Callable  # (state, batch, frozen[, aux]) -> (state, metrics); state donated; frozen None or LoRA base
+    eval_step: Callable  # (params, batch, rng, frozen[, aux]) -> (loss sum, tokens); aux only when aux_sh is set
     frozen_sh: Any = None  # LoRA: shardings of the frozen base parameters (None: full training)
     lora_scale: float | None = None  # LoRA: lora_alpha / lora_rank
     aux_sh: Any = None  # shardings of the objective's own input (objective.aux; None: it has none)
@@ -260,6 +260,7 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = Fals
     aux_sh = None
     if getattr(objective, "aux", None) is not None:  # e.g. a KD teacher: placed by its own logical axes
         aux_sh = shd.param_shardings(objective.aux_state, mesh, rules)
+    aux_in = () if aux_sh is None else (aux_sh,)  # objectives without an input keep the 3-argument step
     init_fresh = jax.jit(lambda: init_state(cfg, tx, None if fresh_params is None else fresh_params()),
                          out_shardings=st_sh)
     init_from = jax.jit(lambda p: init_state(cfg, tx, p), out_shardings=st_sh)
@@ -267,10 +268,10 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = Fals
         graphdef=graphdef, tx=tx, shapes=shapes, state_sh=st_sh, batch_sh=batch_sh, val_sh=val_sh,
         init=lambda params=None: init_fresh() if params is None else init_from(params),
         train_step=jax.jit(make_train_step(graphdef, objective, tx, schedule, lora_scale),
-                           in_shardings=(st_sh, batch_sh, frozen_sh, aux_sh), out_shardings=(st_sh, rep),
+                           in_shardings=(st_sh, batch_sh, frozen_sh) + aux_in, out_shardings=(st_sh, rep),
                            donate_argnums=(0,)),
         eval_step=jax.jit(make_eval_step(graphdef, objective, lora_scale),
-                          in_shardings=(st_sh["params"], val_sh, rep, frozen_sh, aux_sh)),
+                          in_shardings=(st_sh["params"], val_sh, rep, frozen_sh) + aux_in),
         frozen_sh=frozen_sh, lora_scale=lora_scale, aux_sh=aux_sh,
     )
 
@@ -535,7 +536,8 @@ def train(
             meta["lora"] = {"rank": tc.lora_rank, "alpha": tc.lora_alpha, "targets": list(tc.lora_targets),
                             "base": str(tc.init_from)}
             frozen = jax.device_put(_load_init(cfg, tc.init_from), prog.frozen_sh)
-        aux = None if prog.aux_sh is None else jax.device_put(objective.aux, prog.aux_sh)
+        # the step's trailing inputs: the LoRA base (or None), then the objective's own input when it has one
+        extra = (frozen,) if prog.aux_sh is None else (frozen, jax.device_put(objective.aux, prog.aux_sh))
         start = mngr.latest_step()
         if start is not None:
             where = workdir / CHECKPOINT_DIR / str(start)
@@ -611,7 +613,7 @@ def train(
         def evaluate() -> dict:
             tot, n = 0.0, 0
             for i, b in enumerate(val_dev):
-                s, c = eval_fn(state["params"], b, jax.random.fold_in(val_rng, i), frozen, aux)
+                s, c = eval_fn(state["params"], b, jax.random.fold_in(val_rng, i), *extra)
                 tot += float(s)
                 n += int(c)
             loss = tot / max(n, 1)
@@ -644,7 +646,7 @@ def train(
                 if batch["tokens"].shape[-1] != cfg.data.seq_len:
                     raise ConfigError(f"training batches have length {batch['tokens'].shape[-1]} but "
                                       f"data.seq_len={cfg.data.seq_len}")
-                state, metrics = step_fn(state, _to_global(batch, batch_sh), frozen, aux)
+                state, metrics = step_fn(state, _to_global(batch, batch_sh), *extra)
                 step += 1
                 tokens_seen += tokens_per_step
                 mvals = {k: float(v) for k, v in metrics.items()}
