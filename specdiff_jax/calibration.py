@@ -350,8 +350,8 @@ def make_objective(s: Settings, verifier=None) -> Callable:
 
     Losses without a teacher: `objective(drafter, batch, rng) -> (loss, metrics)`. kd_first / kd_window:
     `objective(drafter, batch, rng, teacher)`, where teacher is the verifier's parameters as a pure dict; they
-    travel as `objective.aux` (with `objective.aux_state`, the nnx state whose logical axes place them) and the
-    training loop passes them to the jitted step as an input, sharded like the verifier's parameters. Closing over
+    travel as `objective.aux` (the verifier's nnx state: its logical axes place them) and the training loop
+    passes them to the jitted step as an input, sharded like the verifier's parameters. Closing over
     them instead would make every teacher weight a constant of the compiled step: harmless for a tiny model,
     wrong for a 7B one (the whole teacher inlined into the program, replicated, recompiled per teacher).
     """
@@ -363,8 +363,7 @@ def make_objective(s: Settings, verifier=None) -> Callable:
         def objective(drafter, batch, rng, teacher):
             return calibration_loss(s, drafter, batch, rng, nnx.merge(gv, jax.lax.stop_gradient(teacher)))
 
-        objective.aux_state = vstate
-        objective.aux = nnx.to_pure_dict(vstate)
+        objective.aux = vstate
     else:
         def objective(drafter, batch, rng):
             return calibration_loss(s, drafter, batch, rng)

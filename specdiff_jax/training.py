@@ -146,8 +146,8 @@ def make_train_step(graphdef, objective, tx, schedule, lora_scale: float | None 
     """`train_step(state, batch, frozen=None, aux=None) -> (state, metrics)`, batch tokens/segment_ids
     int32[A, B, L] (A micro-batches). With LoRA, state["params"] are the adapters and `frozen` the base parameters
     (an input, never differentiated); the model is base + lora_scale * A @ B. `aux` is the objective's own input
-    (`objective.aux`, e.g. the KD teacher's parameters): an argument of the step, so it is sharded like any
-    input and never baked into the compiled program as constants."""
+    (the pure dict of `objective.aux`, an nnx state such as the KD teacher's): an argument of the step, so it is
+    sharded like any input and never baked into the compiled program as constants."""
 
     def loss_fn(params, batch, rng, frozen, aux):
         return _objective_call(objective, nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch,
@@ -259,7 +259,7 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = Fals
     objective = objective_impl if custom else make_objective(tc)  # built-in ones: the impl is the key only
     aux_sh = None
     if getattr(objective, "aux", None) is not None:  # e.g. a KD teacher: placed by its own logical axes
-        aux_sh = shd.param_shardings(objective.aux_state, mesh, rules)
+        aux_sh = shd.param_shardings(objective.aux, mesh, rules)
     aux_in = () if aux_sh is None else (aux_sh,)  # objectives without an input keep the 3-argument step
     init_fresh = jax.jit(lambda: init_state(cfg, tx, None if fresh_params is None else fresh_params()),
                          out_shardings=st_sh)
@@ -537,7 +537,8 @@ def train(
                             "base": str(tc.init_from)}
             frozen = jax.device_put(_load_init(cfg, tc.init_from), prog.frozen_sh)
         # the step's trailing inputs: the LoRA base (or None), then the objective's own input when it has one
-        extra = (frozen,) if prog.aux_sh is None else (frozen, jax.device_put(objective.aux, prog.aux_sh))
+        extra = (frozen,) if prog.aux_sh is None else (
+            frozen, jax.device_put(nnx.to_pure_dict(objective.aux), prog.aux_sh))
         start = mngr.latest_step()
         if start is not None:
             where = workdir / CHECKPOINT_DIR / str(start)
