@@ -41,8 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--data-dir", default="data", help="corpus (its validation split gives held-out prompts)")
     p.add_argument("--drafter", action="append", default=[], metavar="NAME=DIR",
                    help="a drafter to compare (repeatable); default: the assets/tiny drafters that exist")
-    p.add_argument("--humaneval", type=int, default=8, help="first N HumanEval prompts")
-    p.add_argument("--prompts", type=int, default=16, help="validation-split snippets")
+    p.add_argument("--humaneval", type=int, default=32, help="first N HumanEval prompts")
+    p.add_argument("--prompts", type=int, default=64, help="validation-split snippets")
     p.add_argument("--prompt-tokens", type=int, default=64, help="length of a validation snippet (tokens)")
     p.add_argument("--max-prompt-tokens", type=int, default=256, help="longer prompts keep their last tokens")
     p.add_argument("--max-new-tokens", type=int, default=128)
@@ -96,27 +96,65 @@ def _drafters(args) -> tuple[dict[str, str], list[str]]:
     return pairs, notes
 
 
+def bootstrap_ratio(tokens_a, rounds_a, tokens_b, rounds_b, *, resamples: int = 2000, seed: int = 0,
+                    level: float = 0.95) -> tuple[float, float]:
+    """Percentile confidence interval of tau_a / tau_b (tau = sum tokens / sum rounds) under a paired bootstrap
+    over prompts: both drafters decode the same prompts, so prompts are resampled jointly."""
+    import numpy as np
+
+    ta, ra, tb, rb = (np.asarray(x, np.float64) for x in (tokens_a, rounds_a, tokens_b, rounds_b))
+    if not (len(ta) == len(ra) == len(tb) == len(rb)) or len(ta) == 0:
+        raise ValueError("bootstrap_ratio: per-prompt arrays must be non-empty and of one length")
+    idx = np.random.default_rng(seed).integers(0, len(ta), size=(resamples, len(ta)))
+    ratio = (ta[idx].sum(1) / np.maximum(ra[idx].sum(1), 1)) / (tb[idx].sum(1) / np.maximum(rb[idx].sum(1), 1))
+    lo, hi = np.quantile(ratio, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def plot_alpha(path: Path, rows: list[dict], title: str) -> None:
+    """Two panels: alpha_j (acceptance of j given 1..j-1 accepted) and P(j accepted) per round (log scale);
+    one colour per drafter, solid for the first draft temperature, dashed for the others."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    top = 0.0
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.4))
+    temps = sorted({r["draft_temperature"] for r in rows})
+    names = list(dict.fromkeys(r["drafter"] for r in rows))
+    colors = {n: f"C{i}" for i, n in enumerate(names)}
     for r in rows:
         a = [float("nan") if x is None else x for x in r["alpha"]]
-        top = max([top] + [x for x in a if x == x])
-        ax.plot(range(1, len(a) + 1), a, marker="o", ms=3, label=f"{r['drafter']} (tau {r['tokens_per_verifier_call']:.2f})")
+        style = "-" if r["draft_temperature"] == temps[0] else "--"
+        label = f"{r['drafter']}, draft T={r['draft_temperature']:g} (tau {r['tokens_per_verifier_call']:.2f})"
+        ax.plot(range(1, len(a) + 1), a, style, marker="o", ms=3, color=colors[r["drafter"]], label=label)
+        if r.get("accept_rate") is not None:
+            u = [x if x > 0 else float("nan") for x in r["accept_rate"]]
+            bx.plot(range(1, len(u) + 1), u, style, marker="o", ms=3, color=colors[r["drafter"]], label=label)
     ax.set_xlabel("draft position j")
     ax.set_ylabel("alpha_j = P(accept j | 1..j-1 accepted)")
-    ax.set_ylim(0, min(1.0, max(0.1, 1.15 * top)))
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title, fontsize=10)
+    bx.set_xlabel("draft position j")
+    bx.set_ylabel("P(draft token j accepted) per round")
+    bx.set_yscale("log")
+    bx.set_title("unconditional acceptance by position", fontsize=10)
+    for x in (ax, bx):
+        x.grid(alpha=0.3)
+    bx.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _rel(r: dict, b: dict | None) -> str:
+    if b is None:
+        return ""
+    rel = f"{100 * (r['tokens_per_verifier_call'] / b['tokens_per_verifier_call'] - 1):+.1f}%"
+    if r is not b and r.get("row_tokens") and b.get("row_tokens"):
+        lo, hi = bootstrap_ratio(r["row_tokens"], r["row_verifier_calls"], b["row_tokens"], b["row_verifier_calls"])
+        rel += f" [{100 * (lo - 1):+.0f}, {100 * (hi - 1):+.0f}]"
+    return rel
 
 
 def render(rows: list[dict], windows: dict, meta: dict) -> str:
@@ -126,22 +164,26 @@ def render(rows: list[dict], windows: dict, meta: dict) -> str:
     lines = [f"# Calibration report", "",
              f"Verifier `{meta['verifier']}`, greedy, gamma {G}, {meta['num_prompts']} held-out prompts "
              f"({meta['prompt_sources']}), {meta['max_new_tokens']} new tokens each.", "",
-             f"| drafter | draft temp | tokens / verifier call | vs base | mean accepted | alpha_1 | alpha_{mid} | "
-             f"alpha_{G} | mean alpha_j, j >= {mid} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "tau = tokens per verifier call; vs base: its change, with a 95% paired-bootstrap interval over prompts "
+             "when per-prompt counts are known. alpha_j = P(accept j | 1..j-1 accepted); P(j) = P(draft token j "
+             "accepted) per round.", "",
+             f"| drafter | draft temp | tau | vs base | mean accepted | alpha_1 | alpha_2 | alpha_{mid} | "
+             f"mean alpha_j, j >= {mid} | P({mid}) | mean P(j), j >= {mid} |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
     def f(x):
         return "-" if x is None else f"{x:.3f}"
 
     for r in rows:
         a = r["alpha"]
         seen = [x for x in a[mid - 1:] if x is not None]
-        rel = ""
-        b = base.get(r["draft_temperature"])
-        if b is not None:
-            rel = f"{100 * (r['tokens_per_verifier_call'] / b['tokens_per_verifier_call'] - 1):+.1f}%"
-        lines.append(f"| {r['drafter']} | {r['draft_temperature']:g} | {r['tokens_per_verifier_call']:.3f} | {rel} | "
-                     f"{r['mean_accepted']:.3f} | {f(a[0])} | {f(a[mid - 1])} | {f(a[G - 1])} | "
-                     f"{f(sum(seen) / len(seen) if seen else None)} |")
+        u = r.get("accept_rate")
+        pu = f"{u[mid - 1]:.4f}" if u else "-"
+        mu = f"{sum(u[mid - 1:]) / len(u[mid - 1:]):.4f}" if u else "-"
+        lines.append(f"| {r['drafter']} | {r['draft_temperature']:g} | {r['tokens_per_verifier_call']:.3f} | "
+                     f"{_rel(r, base.get(r['draft_temperature']))} | {r['mean_accepted']:.3f} | {f(a[0])} | "
+                     f"{f(a[1] if G > 1 else None)} | {f(a[mid - 1])} | "
+                     f"{f(sum(seen) / len(seen) if seen else None)} | {pu} | {mu} |")
     if windows:
         lines += ["", "Held-out calibration windows (q-drafts judged by verifier samples):", "",
                   "| drafter | expected streak | greedy streak | alpha_1 |", "|---|---|---|---|"]
@@ -196,8 +238,7 @@ def run(args, log=print) -> dict:
     meta = {"verifier": args.verifier, "gamma": gamma, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
             "prompt_sources": ", ".join(f"{v} {k}" for k, v in srcs.items() if v), "notes": notes,
             "draft_temperatures": temps}
-    first = [r for r in rows if r["draft_temperature"] == temps[0]]
-    plot_alpha(out / "alpha.png", first, f"alpha_j by draft position (greedy verifier, draft temp {temps[0]:g})")
+    plot_alpha(out / "alpha.png", rows, f"alpha_j by draft position (greedy verifier, gamma {gamma})")
     (out / "report.md").write_text(render(rows, windows, meta))
     result = {"meta": meta, "kernel": rows, "windows": windows}
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -2,11 +2,13 @@
 
     python scripts/write_manifest.py --stage base|calibrated [--runs runs] [--commands-file FILE]
                                      [--kd kd_first|kd_window|auto --report runs/report/report.json]
+                                     [--streak-run drafter_ce_streak]
 
 For each model: parameters, layout, validation loss (nats/token), training tokens and steps (from the export's
 metadata), and the commands that made it (from --commands-file, a JSON {asset: [commands]}, when given; otherwise
 the reproduction command of scripts/make_assets.sh). The calibrated stage ships the streak drafter and one KD
-drafter (`--kd`; `auto` picks the one with more tokens per verifier call in the calibration report, whose table
+drafter (`--streak-run`: the run under --runs whose export becomes assets/tiny/drafter_streak, the SpecDiff-2
+drafter; `--kd`; `auto` picks the one with more tokens per verifier call in the calibration report, whose table
 is then recorded in the manifest too).
 """
 
@@ -45,6 +47,8 @@ def main() -> None:
     ap.add_argument("--stage", choices=list(STAGES), required=True)
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--commands-file", default=None)
+    ap.add_argument("--streak-run", default="drafter_streak",
+                    help="run dir under --runs shipped as assets/tiny/drafter_streak (e.g. drafter_ce_streak)")
     ap.add_argument("--kd", choices=["kd_first", "kd_window", "auto"], default="auto")
     ap.add_argument("--report", default=None, help="calibration report.json (eval/calibration_report.py)")
     args = ap.parse_args()
@@ -56,6 +60,7 @@ def main() -> None:
     if args.stage == "calibrated":
         kd = pick_kd(args.kd, report)
         stage[kd] = kd
+        stage["drafter_streak"] = args.streak_run
         for other in KD_ASSETS:  # one KD drafter is shipped: remove the other's stale copy
             if other != kd and (ASSETS / other).exists():
                 shutil.rmtree(ASSETS / other)

@@ -409,8 +409,9 @@ def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_
                 batch_size: int = 8, draft_temperature: float = 0.0, eos_id: int | None = None,
                 method: str = "specdiff") -> dict:
     """Run the decode kernel greedily (verifier temperature 0) with `drafter` on `prompts` and aggregate its
-    statistics: tokens_per_verifier_call (emitted tokens / row-rounds), alpha (position-wise acceptance, G
-    floats), mean_accepted, accepted_hist. Greedy output equals the verifier's own greedy decoding, so every
+    statistics: tokens_per_verifier_call (emitted tokens / row-rounds), alpha (position-wise acceptance given
+    the earlier positions were accepted, G floats), accept_rate (P(position j accepted) per round), mean_accepted,
+    accepted_hist, and per prompt row_tokens / row_verifier_calls (for confidence intervals over prompts). Greedy output equals the verifier's own greedy decoding, so every
     drafter is judged on the same token sequences."""
     from specdiff_jax.decode import Decoder
 
@@ -420,16 +421,22 @@ def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_
                   draft_temperature=draft_temperature, eos_id=eos_id)
     hist = np.zeros(gamma + 1, np.int64)
     acc = np.zeros(gamma, np.int64)
-    tokens, rounds = 0, 0
+    row_tokens, row_rounds = [], []
     for i in range(0, len(prompts), batch_size):
-        st = dec(prompts[i: i + batch_size], seed=i).stats
+        out = dec(prompts[i: i + batch_size], seed=i)
+        st = out.stats
         hist += np.asarray(st["accepted_hist"], np.int64)
         acc += np.asarray(st["accept_counts"], np.int64)
-        tokens += st["tokens"]
-        rounds += int(np.sum(st["row_verifier_calls"]))
+        n = len(prompts[i: i + batch_size])
+        row_tokens += np.asarray(out.lengths)[:n].astype(int).tolist()
+        row_rounds += [int(r) for r in st["row_verifier_calls"][:n]]
+    tokens, rounds = sum(row_tokens), sum(row_rounds)
     reach = np.array([hist[j:].sum() for j in range(gamma)])
     alpha = [float(a) / r if r else None for a, r in zip(acc, reach)]  # None: position never judged
     return {"tokens_per_verifier_call": tokens / max(rounds, 1), "alpha": alpha, "reach": reach.tolist(),
+            # P(draft token j accepted) per round, unconditionally: the fraction of rounds whose streak reaches j
+            "accept_rate": (acc / max(int(hist.sum()), 1)).tolist(),
             "mean_accepted": float(np.dot(np.arange(gamma + 1), hist)) / max(hist.sum(), 1),
             "accepted_hist": hist.tolist(), "tokens": int(tokens), "verifier_calls": int(rounds),
+            "row_tokens": row_tokens, "row_verifier_calls": row_rounds,
             "prompts": len(prompts), "gamma": gamma, "draft_temperature": draft_temperature}

@@ -58,6 +58,19 @@ def test_ce_streak_closed_form():
     assert float(C.ce_streak_loss(lq, valid)) == pytest.approx((w0 + w1) / 2, rel=1e-6)
 
 
+def test_ce_streak_gradient_is_the_reach_probability_without_q_j():
+    """d ce_streak / d lq_j = -prod_{i<j} q_i(y_i) / windows: position 1 is plain cross-entropy on every window and
+    q_j itself is not a factor, unlike the streak loss's sum_{m>=j} prod_{i<=m} q_i (which vanishes with q_j)."""
+    lq, valid = _lq()
+    g = np.asarray(jax.grad(C.ce_streak_loss)(lq, valid))
+    reach = np.where(VALID, np.concatenate([np.ones((2, 1)), np.cumprod(QY, -1)[:, :-1]], -1), 0.0)
+    np.testing.assert_allclose(g, -reach / 2, rtol=1e-6)
+    # a window whose first target the drafter gives 1e-4: streak's gradient there all but vanishes, ce_streak's not
+    hard = lq.at[0, 0].set(math.log(1e-4))
+    assert abs(float(jax.grad(C.streak_loss)(hard, valid)[0, 0])) < 1e-4
+    assert float(jax.grad(C.ce_streak_loss)(hard, valid)[0, 0]) == pytest.approx(-0.5, rel=1e-6)
+
+
 def _kl(p, q):
     return float(np.sum(p * np.log(p / q)))
 
@@ -332,15 +345,42 @@ def test_report_table_and_alpha_plot(tmp_path):
     from eval.calibration_report import plot_alpha, render
 
     rows = [{"drafter": "base", "draft_temperature": 0.0, "tokens_per_verifier_call": 2.0, "mean_accepted": 1.0,
-             "alpha": [0.5, 0.2, None, None]},
+             "alpha": [0.5, 0.2, None, None], "accept_rate": [0.5, 0.1, 0.0, 0.0],
+             "row_tokens": [4, 4], "row_verifier_calls": [2, 2]},
             {"drafter": "streak", "draft_temperature": 0.0, "tokens_per_verifier_call": 3.0, "mean_accepted": 2.0,
-             "alpha": [0.6, 0.5, 0.4, 0.3]}]
+             "alpha": [0.6, 0.5, 0.4, 0.3], "accept_rate": [0.6, 0.3, 0.12, 0.036],
+             "row_tokens": [4, 5], "row_verifier_calls": [2, 1]}]
     md = render(rows, {}, {"verifier": "v", "gamma": 4, "num_prompts": 3, "max_new_tokens": 8,
                            "prompt_sources": "3 humaneval"})
-    assert "| base | 0 | 2.000 | +0.0% | 1.000 | 0.500 | 0.200 | - | 0.200 |" in md
-    assert "| streak | 0 | 3.000 | +50.0% | 2.000 | 0.600 | 0.500 | 0.300 | 0.400 |" in md
-    plot_alpha(tmp_path / "alpha.png", rows, "test")
+    assert "| base | 0 | 2.000 | +0.0% | 1.000 | 0.500 | 0.200 | 0.200 | 0.200 | 0.1000 | 0.0333 |" in md
+    # tau ratio over the resampled prompt pairs: (8/4)/2 = 1, (10/2)/2 = 2.5, (9/3)/2 = 1.5 -> [+0, +150]
+    assert ("| streak | 0 | 3.000 | +50.0% [+0, +150] | 2.000 | 0.600 | 0.500 | 0.500 | 0.400 | 0.3000 | 0.1520 |"
+            in md), md
+    plot_alpha(tmp_path / "alpha.png", rows + [dict(rows[1], draft_temperature=1.0)], "test")
     assert (tmp_path / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_paired_bootstrap_interval_covers_the_true_ratio_at_its_level():
+    """Prompts with per-prompt tau ratio drawn around a known mean: the 90% interval must cover the population
+    ratio in about 90% of 200 trials; a binomial(200, 0.9) count outside [168, 192] has probability < 0.3%."""
+    from eval.calibration_report import bootstrap_ratio
+
+    rng = np.random.default_rng(7)
+
+    def draw(n):  # rounds per prompt for base (b) and a drafter about 1.3x better (a); 128 tokens each
+        b = rng.integers(60, 90, n)
+        return np.maximum((b / rng.normal(1.3, 0.15, n)).round().astype(int), 1), b
+
+    big_a, big_b = draw(400_000)
+    truth = big_b.sum() / big_a.sum()  # the population ratio of tau = tokens / rounds
+    covered = 0
+    for trial in range(200):
+        n = 40
+        tokens = np.full(n, 128)
+        rounds_a, rounds_b = draw(n)
+        lo, hi = bootstrap_ratio(tokens, rounds_a, tokens, rounds_b, resamples=1000, seed=trial, level=0.9)
+        covered += lo <= truth <= hi
+    assert 168 <= covered <= 192, covered
 
 
 def test_lora_calibration_raises_the_expected_streak(calib_setup):
