@@ -141,7 +141,7 @@ def plot_alpha(path: Path, rows: list[dict], title: str) -> None:
     bx.set_title("unconditional acceptance by position", fontsize=10)
     for x in (ax, bx):
         x.grid(alpha=0.3)
-    bx.legend(fontsize=7)
+    bx.legend(fontsize=7, loc="upper right", ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
