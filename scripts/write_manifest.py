@@ -25,7 +25,7 @@ from specdiff_jax.config import ModelConfig
 ASSETS = Path("assets/tiny")
 STAGES = {
     "base": {"verifier": "verifier", "drafter_base": "drafter_base", "drafter_ar": "drafter_ar"},
-    "calibrated": {"drafter_streak": "drafter_streak"},  # + the KD drafter chosen by --kd
+    "calibrated": {},  # drafter_streak from the run named by --streak-run, the KD drafter chosen by --kd
 }
 KD_ASSETS = ("drafter_kd_first", "drafter_kd_window")
 
