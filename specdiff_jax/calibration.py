@@ -214,7 +214,7 @@ def drafter_window_logits(drafter, tokens: Array, starts: Array, block: Array) -
     causal = jnp.tril(jnp.ones((L, L), bool))[None]
     _, k, v = drafter.forward(tokens, pos, causal, None, compute_logits=False)
     rep = lambda a: jnp.repeat(a, W, axis=1)  # noqa: E731  [layers, B*W, L, kv, hd]
-    cache = KVCache(rep(k), rep(v), starts.reshape(B * W))
+    cache = KVCache.from_block(rep(k), rep(v), starts.reshape(B * W))
     bpos = (starts[:, :, None] + jnp.arange(G, dtype=jnp.int32)).reshape(B * W, G)
     logits, _, _ = drafter.forward(block.reshape(B * W, G), bpos, jnp.ones((1, G, G), bool), cache)
     return logits.reshape(B, W, G, -1)

@@ -402,7 +402,8 @@ def _carry_shardings(carry_shapes: dict, placement):
     out = {}
     for k, v in carry_shapes.items():
         if isinstance(v, KVCache):
-            out[k] = KVCache(shd.cache_sharding(mesh, rules, v.k.shape), shd.cache_sharding(mesh, rules, v.v.shape), rep)
+            out[k] = KVCache(tuple(shd.cache_sharding(mesh, rules, x.shape) for x in v.k),
+                             tuple(shd.cache_sharding(mesh, rules, x.shape) for x in v.v), rep)
         else:
             out[k] = jax.tree.map(lambda _: rep, v)
     return out

@@ -303,8 +303,9 @@ def decode_report(cfg: Config) -> Report:
 
     def cache_bytes(mc):
         c = jax.eval_shape(lambda: KVCache.init(mc, B, min(cap, mc.max_seq_len)))
-        sh = shd.cache_sharding(mesh, rules, c.k.shape)
-        return 2 * per_device_bytes(c.k.shape, c.k.dtype, sh), str(sh.spec).replace("PartitionSpec", "P")
+        sh = shd.cache_sharding(mesh, rules, c.k[0].shape)
+        per_layer = per_device_bytes(c.k[0].shape, c.k[0].dtype, sh)
+        return 2 * len(c.k) * per_layer, "layers x " + str(sh.spec).replace("PartitionSpec", "P")
 
     vc, vspec = cache_bytes(v)
     acts = [("prefill", activation_bytes(v, mesh, rules, rows=B, tokens=P, backward=False, logits_tokens=1)),

@@ -83,6 +83,8 @@ class Attention(nnx.Module):
             self.v_bias = _param(rngs, (kv * hd,), ("kv_heads",), cfg, std=None)
 
     def __call__(self, x, positions, block_mask, cache_k, cache_v, cache_lengths):
+        """x [B, Q, D]; cache_k/v [B, kv_heads, S, head_dim] (one layer of a KVCache) or None.
+        Returns (out [B, Q, D], the block's k and v [B, Q, kv_heads, head_dim])."""
         cfg = self.cfg
         B, Q, _ = x.shape
         h, kv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -102,23 +104,29 @@ class Attention(nnx.Module):
         k = rope(k, positions, cfg.rope_theta)
 
         scale = 1.0 / math.sqrt(hd)
-        # Scores against the block itself: [B, kv, g, Q, Q]
-        s_blk = jnp.einsum("bqkgd,bskd->bkgqs", q, k, preferred_element_type=jnp.float32) * scale
-        s_blk = jnp.where(block_mask[:, None, None], s_blk, _NEG)
+        # Heads-major layout with the g query heads of a kv head and the Q queries merged into one M = g*Q
+        # dimension: every score/value product is then one plain batched matmul per (row, kv head) over a
+        # contiguous [S, head_dim] cache slice (no transposes of the cache, few and large matmuls on CPU).
+        qm = q.transpose(0, 2, 3, 1, 4).reshape(B, kv, g * Q, hd)
+        kb, vb = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, Q, hd]
+        s_blk = jnp.einsum("bkmd,bksd->bkms", qm, kb, preferred_element_type=jnp.float32) * scale
+        s_blk = jnp.where(jnp.tile(block_mask, (1, g, 1))[:, None], s_blk, _NEG)  # [B|1, 1, g*Q, Q]
         if cache_k is None:
             p = jax.nn.softmax(s_blk, axis=-1)
-            out = jnp.einsum("bkgqs,bskd->bqkgd", p.astype(cdt), v)
+            out = jnp.einsum("bkms,bksd->bkmd", p.astype(cdt), vb)
         else:
-            # Scores against the cache, without concatenating (copying) the cache: [B, kv, g, Q, S]
-            S = cache_k.shape[1]
-            s_c = jnp.einsum("bqkgd,bskd->bkgqs", q, cache_k.astype(cdt), preferred_element_type=jnp.float32)
-            s_c = s_c * scale
+            # Scores against the cache [B, kv, g*Q, S]; one softmax over cache + block without concatenating
+            # (copying) the cache-sized score arrays.
+            S = cache_k.shape[2]
+            s_c = jnp.einsum("bkmd,bksd->bkms", qm, cache_k.astype(cdt), preferred_element_type=jnp.float32)
             valid = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [B, S]
-            s_c = jnp.where(valid[:, None, None, None, :], s_c, _NEG)
-            p = jax.nn.softmax(jnp.concatenate([s_c, s_blk], axis=-1), axis=-1).astype(cdt)
-            out = jnp.einsum("bkgqs,bskd->bqkgd", p[..., :S], cache_v.astype(cdt)) + jnp.einsum(
-                "bkgqs,bskd->bqkgd", p[..., S:], v
-            )
+            s_c = jnp.where(valid[:, None, None, :], s_c * scale, _NEG)
+            m = jnp.maximum(jnp.max(s_c, axis=-1, keepdims=True), jnp.max(s_blk, axis=-1, keepdims=True))
+            e_c, e_b = jnp.exp(s_c - m), jnp.exp(s_blk - m)
+            inv = 1.0 / (jnp.sum(e_c, axis=-1, keepdims=True) + jnp.sum(e_b, axis=-1, keepdims=True))
+            out = jnp.einsum("bkms,bksd->bkmd", (e_c * inv).astype(cdt), cache_v.astype(cdt)) + jnp.einsum(
+                "bkms,bksd->bkmd", (e_b * inv).astype(cdt), vb)
+        out = out.reshape(B, kv, g, Q, hd).transpose(0, 3, 1, 2, 4)
         out = out.reshape(B, Q, h * hd) @ self.o_proj.value.astype(cdt)
         return out, k, v
 

@@ -166,8 +166,8 @@ def param_shardings(state: nnx.State, mesh: Mesh, rules: Rules) -> dict:
                         is_leaf=lambda x: isinstance(x, tuple))
 
 
-# KV cache k/v [layers, batch, capacity, kv_heads, head_dim] (specdiff_jax.cache.KVCache)
-CACHE_AXES = (None, "cache_batch", "cache_length", "kv_heads", None)
+# one layer's KV cache k or v [batch, kv_heads, capacity, head_dim] (specdiff_jax.cache.KVCache)
+CACHE_AXES = ("cache_batch", "kv_heads", "cache_length", None)
 
 
 def cache_sharding(mesh, rules: Rules, shape: Sequence[int] | None = None) -> NamedSharding:

@@ -66,10 +66,11 @@ def full_kv(graphdef, state, tokens):
 def garbage_cache(cfg, batch, capacity, seed=0) -> KVCache:
     """An empty cache (lengths 0) whose stale entries are large noise: attention must mask them."""
     rng = np.random.RandomState(seed)
-    shape = (cfg.num_layers, batch, capacity, cfg.num_kv_heads, cfg.head_dim)
+    shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
     dt = jnp.bfloat16 if cfg.dtype == "bfloat16" else jnp.float32
     noise = lambda: jnp.asarray(3 * rng.standard_normal(shape), dt)  # noqa: E731
-    return KVCache(noise(), noise(), jnp.zeros(batch, jnp.int32))
+    layers = range(cfg.num_layers)
+    return KVCache(tuple(noise() for _ in layers), tuple(noise() for _ in layers), jnp.zeros(batch, jnp.int32))
 
 
 @jax.jit
@@ -149,7 +150,8 @@ def test_prefill_then_token_by_token(verifier):
     assert err < TOL, err
     assert cache.lengths.tolist() == [L, L]
     _, kf, vf = full_kv(g, s, toks)
-    assert maxdiff(cache.k[:, :, :L], kf) < TOL and maxdiff(cache.v[:, :, :L], vf) < TOL
+    ck, cv = cache.stacked()
+    assert maxdiff(ck[:, :, :, :L], kf.swapaxes(2, 3)) < TOL and maxdiff(cv[:, :, :, :L], vf.swapaxes(2, 3)) < TOL
 
 
 def test_ragged_blocks_at_per_row_offsets_with_rollback(verifier):
@@ -186,8 +188,9 @@ def test_ragged_blocks_at_per_row_offsets_with_rollback(verifier):
     assert steps >= 4
     _, kf, vf = full_kv(g, s, toks)
     for b in range(B):
-        assert maxdiff(cache.k[:, b, :lengths[b]], kf[:, b, :lengths[b]]) < TOL
-        assert maxdiff(cache.v[:, b, :lengths[b]], vf[:, b, :lengths[b]]) < TOL
+        ck, cv = cache.stacked()
+        assert maxdiff(ck[:, b, :, :lengths[b]], kf[:, b, :lengths[b]].swapaxes(1, 2)) < TOL
+        assert maxdiff(cv[:, b, :, :lengths[b]], vf[:, b, :lengths[b]].swapaxes(1, 2)) < TOL
 
 
 def test_k_chains_share_one_prefix_cache(verifier):
@@ -311,7 +314,7 @@ def test_bf16_runs_and_tracks_f32(verifier):
     assert maxdiff(out, ref) < 0.15 * scale
     # bf16 cache: the last block against a bf16 prefix cache tracks the bf16 full forward
     cache = KVCache.init(cfg16, 2, 16)
-    assert cache.k.dtype == jnp.bfloat16
+    assert all(x.dtype == jnp.bfloat16 for x in cache.k + cache.v)
     _, k, v = fwd(g16, s16, toks, arange_pos(2, 0, 12), tril(12), cache)
     cache = put(cache, k, v, np.zeros(2), np.full(2, 8))
     lg, _, _ = fwd(g16, s16, toks[:, 8:], arange_pos(2, 8, 4), tril(4), cache)
