@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import difflib
+import itertools
 import json
 import os
 import platform
@@ -29,9 +29,11 @@ from typing import Any
 import numpy as np
 import yaml
 
-from specdiff_jax.configs import _plain
+from specdiff_jax.config import ConfigError
+from specdiff_jax.configs import BenchConfig, _plain, load_section
+from specdiff_jax.decode import acceptance_stats, cost
 
-JAX_METHODS = ("ar", "sps", "specdiff", "specdiff2")
+JAX_METHODS = ("ar", "sps", "specdiff", "specdiff2", "auto")
 HF_METHODS = ("hf_generate", "hf_assisted")
 ALL_METHODS = JAX_METHODS + HF_METHODS
 
@@ -40,83 +42,15 @@ class BenchError(ValueError):
     """Bad benchmark input; the message names it and the fix."""
 
 
-@dataclasses.dataclass(frozen=True)
-class BenchConfig:
-    verifier: str = "assets/tiny/verifier"
-    tokenizer: str = "assets/tiny"
-    sps_drafter: str = "assets/tiny/drafter_ar"  # causal AR drafter of about the diffusion drafter's cost
-    specdiff_drafter: str = "assets/tiny/drafter_base"  # unaligned block-causal diffusion drafter
-    specdiff2_drafter: str = "assets/tiny/drafter_streak"  # streak-distilled drafter (falls back to the base one)
-    methods: tuple[str, ...] = ALL_METHODS
-    humaneval_prompts: int = 8  # first N HumanEval prompts
-    validation_prompts: int = 0  # held-out validation snippets from validation_file
-    validation_file: str = "assets/tiny/val_snippets.jsonl"
-    max_prompt_tokens: int = 256  # longer prompts keep their last tokens (counted and reported)
-    max_new_tokens: int = 128
-    temperatures: tuple[float, ...] = (0.0, 1.0)
-    batch_sizes: tuple[int, ...] = (1,)
-    repeats: int = 2
-    seed: int = 0
-    # method settings (the paper's defaults are gamma 16-32, K 8, draft temperature 2.0 for SpecDiff-2)
-    sps_gamma: int = 4
-    specdiff_gamma: int = 16
-    specdiff2_gamma: int = 16
-    specdiff2_num_drafts: int = 4
-    specdiff2_draft_temperature: float = 1.0
-    specdiff_draft_temperature: float = 1.0
-    denoise_steps: int = 1
-    # fair tuning sweeps (temperature 0, batch 1): empty lists switch a sweep off
-    sweep_gamma: tuple[int, ...] = ()
-    sweep_num_drafts: tuple[int, ...] = ()
-    sweep_draft_temperature: tuple[float, ...] = ()
-    sweep_denoise_steps: tuple[int, ...] = ()
-    sweep_prompts: int = 4
-    # acceleration-compute view
-    budgets_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
-    pass_at_1: bool = False  # run HumanEval tests on budget-truncated completions (executes generated code)
-    threads: int = 0  # torch threads for the HF peers; 0 = os.cpu_count()
-    progress_bar: bool = True
-
-
 def load_bench_config(path: str | None, overrides: list[str]) -> BenchConfig:
-    """YAML file (or defaults) + `key=value` overrides, validated; unknown keys name the closest valid ones."""
-    from specdiff_jax.configs import parse_overrides
-
-    fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise BenchError(f"benchmark config {path!r} does not exist; try configs/bench/tiny.yaml")
-        try:
-            raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-        except UnicodeDecodeError as e:
-            raise BenchError(f"benchmark config {path!r} is not UTF-8 text ({e.reason} at byte {e.start}); pass a "
-                             "YAML file such as configs/bench/tiny.yaml") from None
-        except yaml.YAMLError as e:
-            raise BenchError(f"benchmark config {path!r} is not valid YAML ({str(e)[:200]})") from None
-        if not isinstance(raw, dict):
-            raise BenchError(f"benchmark config {path!r} must be a YAML mapping of key: value")
-    cli, _ = parse_overrides(overrides)
-    raw.update({k: v for k, (v, _) in cli.items()})
-    kw = {}
-    for key, value in raw.items():
-        if key not in fields:
-            close = difflib.get_close_matches(key, list(fields), n=3)
-            hint = f"did you mean {', '.join(close)}?" if close else f"valid keys: {', '.join(fields)}"
-            raise BenchError(f"unknown benchmark config key {key!r}; {hint}")
-        default = fields[key].default
-        if isinstance(default, tuple):
-            value = tuple(value) if isinstance(value, (list, tuple)) else (value,)
-        elif isinstance(default, bool):
-            if not isinstance(value, bool):
-                raise BenchError(f"benchmark config key {key}={value!r} must be true or false")
-        elif isinstance(default, (int, float)) and not isinstance(value, (int, float)):
-            raise BenchError(f"benchmark config key {key}={value!r} must be a number")
-        elif isinstance(default, float):
-            value = float(value)
-        kw[key] = value
-    cfg = BenchConfig(**kw)
+    """The `bench` section of the config system: defaults <- YAML file <- `key=value` overrides, typed and
+    validated; unknown keys name the closest valid ones."""
+    if path is not None and not Path(path).is_file():
+        raise BenchError(f"benchmark config {path!r} does not exist; try configs/bench/tiny.yaml")
+    try:
+        cfg = load_section("bench", path, overrides)
+    except ConfigError as e:
+        raise BenchError(str(e)) from None
     bad = [m for m in cfg.methods if m not in ALL_METHODS]
     if bad:
         raise BenchError(f"unknown method {bad[0]!r} in methods; choose from {', '.join(ALL_METHODS)}")
@@ -169,25 +103,42 @@ def load_prompts(cfg: BenchConfig, tok) -> tuple[list[dict], int]:
     return prompts, cut
 
 
-def preflight(jobs: list, models: dict, prompts: list[dict], sweep_prompts: list[dict], cfg: BenchConfig,
+def preflight(jobs: list[dict], models: dict, prompts: list[dict], sweep_prompts: list[dict], cfg: BenchConfig,
               eos_id) -> None:
     """Build every kernel job's Decoder and check its prompt batches against the models' capacity, without
     compiling or running anything: a bad setting (gamma, K, T, temperature, a drafter of the wrong kind or
     vocabulary, prompt + max_new_tokens beyond max_seq_len) is refused before the first timing, naming the job."""
-    from specdiff_jax.decode import DecodeError, Decoder
+    from specdiff_jax.decode import DecodeError
 
-    for m, temp, b, s, is_sweep in jobs:
-        if m not in JAX_METHODS:
+    for job in jobs:
+        if job["method"] not in JAX_METHODS or job["method"] == "auto":
             continue
         try:
-            dec = Decoder(models["verifier"], models.get(m), method=m, max_new_tokens=cfg.max_new_tokens,
-                          temperature=temp, eos_id=eos_id, **s)
-            for bt in _batches(sweep_prompts if is_sweep else prompts, b):
+            dec = _decoder(job, models, cfg, eos_id)
+            for bt in _batches(sweep_prompts if job["sweep"] else prompts, job["batch"]):
                 dec.check([p["ids"] for p in bt])
         except DecodeError as e:
-            what = f" [{', '.join(f'{k}={v}' for k, v in s.items())}]" if s else ""
-            raise BenchError(f"{m} at temperature {temp:g}, batch {b}{' (sweep)' if is_sweep else ''}{what}: {e}; "
-                             "fix the benchmark config before anything runs") from None
+            raise BenchError(f"{_label(job)}: {e}; fix the benchmark config before anything runs") from None
+
+
+def _label(job: dict) -> str:
+    s = job["settings"]
+    what = f" [{', '.join(f'{k}={v}' for k, v in s.items())}]" if s else ""
+    return f"{job['method']} at temperature {job['temperature']:g}, batch {job['batch']}" + \
+        (" (sweep)" if job["sweep"] else "") + what
+
+
+def _decoder(job: dict, models: dict, cfg: BenchConfig, eos_id):
+    from specdiff_jax.decode import Decoder
+
+    m = job["method"]
+    if m == "auto":
+        cands = [models[k] for k in ("specdiff2", "sps", "specdiff") if k in models]
+        return Decoder(models["verifier"], cands, method="auto", max_new_tokens=cfg.max_new_tokens,
+                       temperature=job["temperature"], eos_id=eos_id, gamma=cfg.auto_max_gamma,
+                       adaptive_gamma=cfg.auto_adaptive_gamma, cost_model=job.get("cost_model"))
+    return Decoder(models["verifier"], models.get(m), method=m, max_new_tokens=cfg.max_new_tokens,
+                   temperature=job["temperature"], eos_id=eos_id, **job["settings"])
 
 
 def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:
@@ -199,7 +150,8 @@ def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:
     models = {"verifier": load_pretrained(cfg.verifier)}
     want = {"sps": cfg.sps_drafter, "specdiff": cfg.specdiff_drafter, "specdiff2": cfg.specdiff2_drafter}
     for method, path in want.items():
-        if method not in cfg.methods and not (method == "sps" and "hf_assisted" in cfg.methods):
+        needed = method in cfg.methods or "auto" in cfg.methods or (method == "sps" and "hf_assisted" in cfg.methods)
+        if not needed:
             continue
         if not Path(path).exists():
             if method == "specdiff2" and Path(cfg.specdiff_drafter).exists():
@@ -236,146 +188,87 @@ def _peak_mem_mb() -> dict:
     return out
 
 
-def _time_forward(model, batch: int, queries: int, cache_cap: int, cache_len: int, reps: int = 32) -> float:
-    """Seconds per model.forward of `queries` tokens against a cache (cache_cap 0 = none), as inside the kernel.
-
-    The forwards run back to back in one jitted fori_loop (each feeding the next), so per-call dispatch overhead,
-    which the fused decode loop does not pay, is amortised away. Median of 3 timings.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from specdiff_jax.cache import KVCache
-
-    g, st = nnx.split(model)
-    cfg = model.cfg
-    mask = jnp.ones((1, queries, queries), bool)
-
-    @jax.jit
-    def f(st, toks, pos, cache):
-        m = nnx.merge(g, st)
-
-        def body(_, t):
-            logits = m.forward(t, pos, mask, cache)[0]
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32) % cfg.vocab_size
-
-        return jax.lax.fori_loop(0, reps, body, toks)
-
-    toks = jnp.zeros((batch, queries), jnp.int32)
-    pos = cache_len + jnp.broadcast_to(jnp.arange(queries, dtype=jnp.int32), (batch, queries))
-    cache = None
-    if cache_cap:
-        cache = KVCache.init(cfg, batch, cache_cap).with_lengths(jnp.full((batch,), cache_len, jnp.int32))
-    f(st, toks, pos, cache).block_until_ready()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        f(st, toks, pos, cache).block_until_ready()
-        ts.append((time.perf_counter() - t0) / reps)
-    return statistics.median(ts)
-
-
-def run_jax_method(method: str, models: dict, prompts: list[dict], *, temperature: float, batch: int,
-                   max_new_tokens: int, repeats: int, seed: int, eos_id, settings: dict) -> dict:
+def run_jax_method(job: dict, models: dict, prompts: list[dict], *, cfg: BenchConfig, eos_id,
+                   cost_model: cost.CostModel) -> dict:
     """Time one kernel configuration. Returns a row (metrics) plus per-prompt outputs for comparisons."""
     import jax
 
-    from specdiff_jax.decode import Decoder
-
-    dec = Decoder(models["verifier"], models.get(method), method=method, max_new_tokens=max_new_tokens,
-                  temperature=temperature, eos_id=eos_id, **settings)
-    batches = _batches(prompts, batch)
+    dec = _decoder(dict(job, cost_model=cost_model), models, cfg, eos_id)
+    batches = _batches(prompts, job["batch"])
     compile_s = 0.0
-    for bt in batches:  # warm-up: compiles each distinct (bucket, batch) shape once
+    for bt in batches:  # warm-up: compiles each distinct (bucket, batch) shape once (auto: plans first)
         t0 = time.perf_counter()
-        jax.block_until_ready(dec.decode_raw(dec.prefill([p["ids"] for p in bt]), seed))
+        jax.block_until_ready(dec.decode_raw(dec.prefill([p["ids"] for p in bt]), cfg.seed))
         compile_s += time.perf_counter() - t0
-    tps, prefill_s, decode_s, outputs = [], [], [], {}
-    agg = None
-    for r in range(repeats):
+    tps, prefill_s, decode_s, outputs, agg = [], [], [], {}, {}
+    for r in range(cfg.repeats):
         for bt in batches:
             t0 = time.perf_counter()
             state = dec.prefill([p["ids"] for p in bt])
             jax.block_until_ready(state["carry"])
             t1 = time.perf_counter()
-            raw = dec.decode_raw(state, seed + r)
+            raw = dec.decode_raw(state, cfg.seed + r)
             jax.block_until_ready(raw)
             t2 = time.perf_counter()
             out = dec.output(raw)
-            ntok = int(out.lengths.sum())
-            tps.append(ntok / (t2 - t1))
+            tps.append(int(out.lengths.sum()) / (t2 - t1))
             prefill_s.append(t1 - t0)
             decode_s.append(t2 - t1)
-            st = out.stats
-            if agg is None:
-                agg = {k: np.asarray(st[k], np.int64) for k in ("accepted_hist", "accept_counts")}
-                agg.update(tokens=0, row_rounds=0, verifier_calls=0, drafter_calls=0)
-            else:
-                for k in ("accepted_hist", "accept_counts"):
-                    agg[k] = agg[k] + np.asarray(st[k], np.int64)
-            agg["tokens"] += st["tokens"]
-            agg["row_rounds"] += int(sum(st["row_verifier_calls"]))
-            agg["verifier_calls"] += st["verifier_calls"]
-            agg["drafter_calls"] += st["drafter_calls"]
+            _accumulate(agg, out.stats)
             if r == 0:
                 for p, row in zip(bt, out.rows()):
                     outputs.setdefault(p["id"], row)
-    hist = agg["accepted_hist"]
-    G = len(hist) - 1
-    reach = np.array([hist[j:].sum() for j in range(G)], np.int64)
-    alpha = (agg["accept_counts"][:G] / np.maximum(reach, 1)).tolist() if G else []
-    total_decode = float(sum(decode_s))
-    row = {
-        "method": method, "temperature": temperature, "batch": batch,
-        "gamma": settings.get("gamma") if method != "ar" else None,
-        "num_drafts": settings.get("num_drafts") if method != "ar" else None,
-        "denoise_steps": settings.get("denoise_steps") if method in ("specdiff", "specdiff2") else None,
-        "draft_temperature": settings.get("draft_temperature") if method in ("specdiff", "specdiff2", "sps") else None,
-        "acceptance": dec.rule,
-        "tokens_per_s": statistics.median(tps),
-        "prefill_s_median": statistics.median(prefill_s),
-        "decode_s_total": total_decode,
-        "compile_s": compile_s,
-        "tokens": agg["tokens"],
-        "verifier_calls": agg["verifier_calls"],
-        "drafter_calls": agg["drafter_calls"],
-        "tokens_per_verifier_call": agg["tokens"] / max(agg["row_rounds"], 1) if method != "ar" else 1.0,
-        "alpha": alpha,
-        "accepted_hist": hist.tolist(),
-        **_peak_mem_mb(),
-    }
-    row.update(_time_split(method, models, dec, batch, prompts, max_new_tokens, agg, total_decode))
+    st = acceptance_stats(agg["accepted_hist"], agg["accept_counts"], tokens=agg["tokens"],
+                          row_rounds=agg["row_rounds"])
+    row = {"method": job["method"], "temperature": job["temperature"], "batch": job["batch"],
+           **{k: v for k, v in dec.settings().items() if k != "method"},
+           "tokens_per_s": statistics.median(tps), "prefill_s_median": statistics.median(prefill_s),
+           "decode_s_total": float(sum(decode_s)), "compile_s": compile_s, "tokens": agg["tokens"],
+           "verifier_calls": agg["verifier_calls"], "drafter_calls": agg["drafter_calls"],
+           "tokens_per_verifier_call": st["tokens_per_verifier_call"] if dec.method != "ar" else 1.0,
+           "alpha": st["alpha"], "accept_rate": st["accept_rate"], "accepted_hist": st["accepted_hist"],
+           **_peak_mem_mb()}
+    if dec.method == "ar":  # (also an auto row that chose ar)
+        row.update(gamma=None, num_drafts=None, draft_temperature=None, denoise_steps=None)
+    if dec.plan is not None:
+        row["plan"] = dec.plan.describe()
+        row["choice"] = _choice(dec)
+    row.update(_predicted(dec, cost_model, agg, row["decode_s_total"]))
     return {"row": row, "outputs": outputs}
 
 
-def _time_split(method, models, dec, batch, prompts, max_new_tokens, agg, total_decode) -> dict:
-    """Estimated draft / verify / rest seconds: isolated per-call forward timings x call counts.
+def _accumulate(agg: dict, st: dict) -> None:
+    """Sum a decode's counts into agg (histograms elementwise)."""
+    for k in ("accepted_hist", "accept_counts"):
+        agg[k] = agg.get(k, 0) + np.asarray(st[k], np.int64)
+    for k in ("tokens", "verifier_calls", "drafter_calls"):
+        agg[k] = agg.get(k, 0) + int(st[k])
+    agg["row_rounds"] = agg.get("row_rounds", 0) + int(sum(st["row_verifier_calls"]))
+    for g, n in (st.get("gamma_rounds") or {}).items():
+        agg.setdefault("gamma_rounds", {})[g] = agg.get("gamma_rounds", {}).get(g, 0) + n
 
-    The kernel is one fused while_loop, so its phases cannot be timed from inside; this times one verifier
-    forward (K*(gamma+1) queries against the cache) and one drafter forward of the shape the kernel uses.
-    """
-    G = dec.gamma
-    K = dec.num_drafts
-    plen = int(np.median([len(p["ids"]) for p in prompts]))
-    ctx = plen + max_new_tokens // 2
-    cap = plen + max_new_tokens + G + 16
-    v = models["verifier"]
-    t_v = _time_forward(v, batch, K * (G + 1) if method != "ar" else 1, cap, ctx)
-    t_d = 0.0
-    if method != "ar":
-        d = models[method]
-        if method == "sps":
-            t_d = _time_forward(d, batch, 1, cap, ctx)
-        elif d.cfg.attention == "block_causal":
-            t_d = _time_forward(d, batch, 2 * G + 1, cap, ctx)
-        else:
-            t_d = _time_forward(d, batch, min(dec.draft_window, ctx) + G, 0, 0)
-    verify_s = agg["verifier_calls"] * t_v
-    draft_s = agg["drafter_calls"] * t_d
-    return {"verify_call_ms": 1e3 * t_v, "draft_call_ms": 1e3 * t_d,
-            "verify_share": verify_s / total_decode, "draft_share": draft_s / total_decode,
-            "rest_share": max(0.0, 1.0 - (verify_s + draft_s) / total_decode)}
+
+def _choice(dec) -> str:
+    s = dec.settings()
+    if s["method"] == "ar":
+        return "ar"
+    out = f"{s['method']} gamma {s['gamma']} K {s['num_drafts']} draft T {s['draft_temperature']:g} {s['acceptance']}"
+    return out + (f" adaptive {s['adaptive_gamma']}" if s["adaptive_gamma"] else "")
+
+
+def _predicted(dec, cm: cost.CostModel, agg: dict, total_decode: float) -> dict:
+    """The cost model's tokens/s for the rounds this row ran (its measured acceptance, modelled round costs),
+    and the modelled draft / verify shares of the measured decode time."""
+    K, T = dec.num_drafts, dec.denoise_steps
+    rounds = agg.get("gamma_rounds") or {dec.gamma: agg["verifier_calls"]}
+    kind = dec.dkind
+    verify = sum(n * cm.verify_ms(1 if kind == "none" else K * (g + 1)) for g, n in rounds.items())
+    draft = sum(n * cm.draft_ms(kind, g, K, T) for g, n in rounds.items())
+    model_s = 1e-3 * (verify + draft + agg["verifier_calls"] * cm.fixed_ms)
+    pred = agg["tokens"] / model_s if model_s > 0 else None
+    return {"predicted_tokens_per_s": pred, "verify_share": 1e-3 * verify / total_decode,
+            "draft_share": 1e-3 * draft / total_decode,
+            "rest_share": max(0.0, 1.0 - 1e-3 * (verify + draft) / total_decode)}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -489,8 +382,9 @@ def _fmt(x, nd=2):
     return str(x)
 
 
-MAIN_COLS = ("method", "temperature", "batch", "gamma", "num_drafts", "tokens_per_s", "speedup_vs_ar",
-             "tokens_per_verifier_call", "greedy_matches_ar", "draft_share", "verify_share", "compile_s")
+MAIN_COLS = ("method", "temperature", "batch", "gamma", "num_drafts", "draft_temperature", "acceptance",
+             "tokens_per_s", "speedup_vs_ar", "predicted_tokens_per_s", "tokens_per_verifier_call",
+             "greedy_matches_ar", "draft_share", "verify_share")
 
 
 def table(rows: list[dict], cols=MAIN_COLS) -> str:
@@ -572,42 +466,97 @@ def hardware() -> dict:
 # ---------------------------------------------------------------------------------------------------------
 # the run
 # ---------------------------------------------------------------------------------------------------------
-def _settings(cfg: BenchConfig, method: str) -> dict:
-    if method == "ar":
+def _draft_t(value: float | None, temperature: float, num_drafts: int = 1) -> float:
+    """A configured draft temperature; None = the verifier's temperature, except under greedy verification:
+    argmax drafts for one draft, 1.0 for K > 1 (K argmax drafts would be K copies of one)."""
+    if value is not None:
+        return value
+    return temperature if temperature > 0 else (0.0 if num_drafts == 1 else 1.0)
+
+
+def _settings(cfg: BenchConfig, method: str, temperature: float) -> dict:
+    if method in ("ar", "auto"):
         return {}
     if method == "sps":
-        return {"gamma": cfg.sps_gamma, "num_drafts": 1, "draft_temperature": 1.0}
+        return {"gamma": cfg.sps_gamma, "num_drafts": 1,
+                "draft_temperature": _draft_t(cfg.sps_draft_temperature, temperature)}
     if method == "specdiff":
         return {"gamma": cfg.specdiff_gamma, "num_drafts": 1, "denoise_steps": cfg.denoise_steps,
-                "draft_temperature": cfg.specdiff_draft_temperature}
-    return {"gamma": cfg.specdiff2_gamma, "num_drafts": cfg.specdiff2_num_drafts, "denoise_steps": cfg.denoise_steps,
-            "draft_temperature": cfg.specdiff2_draft_temperature}
-
-
-def _sweep_jobs(cfg: BenchConfig) -> list[tuple[str, dict]]:
-    jobs = []
-    for method in ("sps", "specdiff", "specdiff2"):
-        if method not in cfg.methods:
-            continue
-        base = _settings(cfg, method)
-        for g in cfg.sweep_gamma:
-            jobs.append((method, dict(base, gamma=g)))
-        if method != "sps":
-            for k in cfg.sweep_num_drafts:
-                if method == "specdiff2":
-                    jobs.append((method, dict(base, num_drafts=k)))
-            for t in cfg.sweep_draft_temperature:
-                jobs.append((method, dict(base, draft_temperature=t)))
-            for s in cfg.sweep_denoise_steps:
-                if s <= base["gamma"] and (method == "specdiff2" or s == 1 or base["num_drafts"] == 1):
-                    jobs.append((method, dict(base, denoise_steps=s)))
-    seen, out = set(), []
-    for m, s in jobs:
-        key = (m, tuple(sorted(s.items())))
-        if key not in seen:
-            seen.add(key)
-            out.append((m, s))
+                "draft_temperature": _draft_t(cfg.specdiff_draft_temperature, temperature)}
+    out = {"gamma": cfg.specdiff2_gamma, "num_drafts": cfg.specdiff2_num_drafts, "denoise_steps": cfg.denoise_steps,
+           "draft_temperature": _draft_t(cfg.specdiff2_draft_temperature, temperature, cfg.specdiff2_num_drafts)}
+    if temperature > 0 and cfg.specdiff2_num_drafts > 1 and cfg.specdiff2_rules:
+        out["acceptance"] = cfg.specdiff2_rules[0]
     return out
+
+
+def _sweep_settings(cfg: BenchConfig, method: str, temperature: float) -> list[dict]:
+    """The sweep's settings of one method: every combination of the sweep values (grid) or one key at a time."""
+    base = _settings(cfg, method, temperature)
+    dims = {"gamma": cfg.sweep_gamma, "draft_temperature": cfg.sweep_draft_temperature}
+    if method == "specdiff2":
+        dims["num_drafts"] = cfg.sweep_num_drafts
+    if method != "sps":
+        dims["denoise_steps"] = cfg.sweep_denoise_steps
+    dims = {k: v for k, v in dims.items() if v}
+    if cfg.sweep_mode == "grid":
+        combos = [dict(zip(dims, vals)) for vals in itertools.product(*dims.values())] if dims else []
+    else:
+        combos = [{k: v} for k, vals in dims.items() for v in vals]
+    out = []
+    for c in combos:
+        s = dict(base, **c)
+        if "draft_temperature" not in c:
+            conf = {"sps": cfg.sps_draft_temperature, "specdiff": cfg.specdiff_draft_temperature,
+                    "specdiff2": cfg.specdiff2_draft_temperature}[method]
+            s["draft_temperature"] = _draft_t(conf, temperature, s["num_drafts"])
+        if s.get("denoise_steps", 1) > s["gamma"] or (method == "specdiff" and s.get("denoise_steps", 1) > 1
+                                                       and s["num_drafts"] > 1):
+            continue
+        rules = cfg.specdiff2_rules if method == "specdiff2" and temperature > 0 and s["num_drafts"] > 1 else (None,)
+        for rule in rules:
+            out.append({k: v for k, v in dict(s, acceptance=rule).items() if v is not None})
+    return out
+
+
+def _jobs(cfg: BenchConfig) -> list[dict]:
+    """Main-table jobs (each method at its configured setting; at T > 0 one specdiff2 row per lossless rule),
+    then the sweep (deduplicated)."""
+    jobs = []
+    for temp in cfg.temperatures:
+        for b in cfg.batch_sizes:
+            for m in cfg.methods:
+                if m in HF_METHODS and b != 1:
+                    continue  # the HF peers run batch 1 (no left-padding harness)
+                s = _settings(cfg, m, temp) if m in JAX_METHODS else {}
+                jobs.append(dict(method=m, temperature=temp, batch=b, settings=s, sweep=False))
+                if m == "specdiff2" and "acceptance" in s:
+                    jobs += [dict(method=m, temperature=temp, batch=b, settings=dict(s, acceptance=r), sweep=False)
+                             for r in cfg.specdiff2_rules[1:]]
+    seen = set()
+    for temp in cfg.sweep_temperatures:
+        for m in ("sps", "specdiff", "specdiff2"):
+            if m not in cfg.methods:
+                continue
+            for s in _sweep_settings(cfg, m, temp):
+                key = (m, temp, tuple(sorted(s.items())))
+                if key not in seen:
+                    seen.add(key)
+                    jobs.append(dict(method=m, temperature=temp, batch=1, settings=s, sweep=True))
+    return jobs
+
+
+def _cost_models(cfg: BenchConfig, models: dict, prompts: list[dict], say) -> dict:
+    """The measured cost model (cached on disk) of the verifier and every drafter, per batch size."""
+    from specdiff_jax.decode.planner import drafter_kind
+
+    drafters = {}
+    for k in ("specdiff2", "sps", "specdiff"):
+        if k in models:
+            drafters.setdefault(drafter_kind(models[k]), models[k])
+    ctx = int(np.mean([len(p["ids"]) for p in prompts])) + cfg.max_new_tokens // 2
+    return {b: cost.measure(models["verifier"], drafters, batch=b, ctx=ctx, progress=say)
+            for b in sorted(set(cfg.batch_sizes) | {1})}
 
 
 def run(cfg: BenchConfig, out: Path, *, config_path: str | None = None) -> dict:
@@ -616,7 +565,7 @@ def run(cfg: BenchConfig, out: Path, *, config_path: str | None = None) -> dict:
     from specdiff_jax.tokenizer import load_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(_plain(dataclasses.asdict(cfg)), sort_keys=False))
+    (out / "config.yaml").write_text(yaml.safe_dump({"bench": _plain(dataclasses.asdict(cfg))}, sort_keys=False))
     tok = load_tokenizer(cfg.tokenizer)
     models, notes = _load_models(cfg)
     prompts, cut = load_prompts(cfg, tok)
@@ -625,93 +574,130 @@ def run(cfg: BenchConfig, out: Path, *, config_path: str | None = None) -> dict:
     vcfg = models["verifier"].cfg
     eos_id = vcfg.eos_token_id if vcfg.eos_token_id is not None else tok.eos_id
     pad_id = vcfg.pad_token_id if vcfg.pad_token_id is not None else tok.pad_id
-
-    jobs: list[tuple[str, float, int, dict, bool]] = []
-    for temp in cfg.temperatures:
-        for b in cfg.batch_sizes:
-            for m in cfg.methods:
-                if m in HF_METHODS and b != 1:
-                    continue  # the HF peers run batch 1 (no left-padding harness)
-                jobs.append((m, temp, b, _settings(cfg, m) if m in JAX_METHODS else {}, False))
-    for m, s in _sweep_jobs(cfg):
-        jobs.append((m, 0.0, 1, s, True))
-
-    rows, outputs = [], {}
+    jobs = _jobs(cfg)
     sweep_prompts = prompts[: cfg.sweep_prompts]
     preflight(jobs, models, prompts, sweep_prompts, cfg, eos_id)
+    say = (lambda msg: print(msg, file=sys.stderr)) if cfg.progress_bar else None
+    cms = _cost_models(cfg, models, prompts, say)
+    rows, outputs = [], []
     tmp = Path(tempfile.mkdtemp(prefix="specdiff_bench_"))
     bar = tqdm(jobs, desc="benchmark", disable=not cfg.progress_bar, file=sys.stderr)
-    for m, temp, b, s, is_sweep in bar:
-        bar.set_postfix_str(f"{m} T={temp:g} B={b}" + (" sweep" if is_sweep else ""))
-        ps = sweep_prompts if is_sweep else prompts
-        if m in JAX_METHODS:
-            res = run_jax_method(m, models, ps, temperature=temp, batch=b, max_new_tokens=cfg.max_new_tokens,
-                                 repeats=cfg.repeats, seed=cfg.seed, eos_id=eos_id, settings=s)
+    for job in bar:
+        bar.set_postfix_str(f"{job['method']} T={job['temperature']:g} B={job['batch']}" +
+                            (" sweep" if job["sweep"] else ""))
+        ps = sweep_prompts if job["sweep"] else prompts
+        if job["method"] in JAX_METHODS:
+            res = run_jax_method(job, models, ps, cfg=cfg, eos_id=eos_id, cost_model=cms[job["batch"]])
         else:
-            res = run_hf(m, models, ps, temperature=temp, max_new_tokens=cfg.max_new_tokens, repeats=cfg.repeats,
-                         seed=cfg.seed, eos_id=eos_id, pad_id=pad_id, threads=cfg.threads, workdir=tmp)
-        row = res["row"]
-        row["sweep"] = is_sweep
-        rows.append(row)
-        key = (m, temp, b) if not is_sweep else (m, temp, b, tuple(sorted(s.items())))
-        outputs[key] = res["outputs"]
-
-    # speed-up over ar and greedy equality, both against the ar row of the same (temperature, batch)
-    ar_rows = {(r["temperature"], r["batch"]): r for r in rows if r["method"] == "ar" and not r["sweep"]}
-    for r, key in zip(rows, outputs):
-        ar = ar_rows.get((r["temperature"], r["batch"]) if not r["sweep"] else (0.0, 1))
-        r["speedup_vs_ar"] = r["tokens_per_s"] / ar["tokens_per_s"] if ar else None
-        if r["temperature"] == 0.0 and ar is not None:
-            ar_out = outputs[("ar", 0.0, r["batch"] if not r["sweep"] else 1)]
-            mine = outputs[key]
-            r["greedy_matches_ar"] = all(mine[i] == ar_out[i] for i in mine if i in ar_out)
-        else:
-            r["greedy_matches_ar"] = None
+            res = run_hf(job["method"], models, ps, temperature=job["temperature"], max_new_tokens=cfg.max_new_tokens,
+                         repeats=cfg.repeats, seed=cfg.seed, eos_id=eos_id, pad_id=pad_id, threads=cfg.threads,
+                         workdir=tmp)
+        res["row"]["sweep"] = job["sweep"]
+        rows.append(res["row"])
+        outputs.append(res["outputs"])
+    _compare_with_ar(rows, outputs)
     budget_rows = budget_view(rows, cfg.budgets_s)
-    passes = pass_at_1(rows, outputs, prompts, cfg.budgets_s, tok, cfg.max_new_tokens) if cfg.pass_at_1 else []
-    best = _best_settings(rows)
-    result = {"config": _plain(dataclasses.asdict(cfg)), "config_path": config_path, "hardware": hardware(),
-              "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "notes": notes,
-              "prompts": [{"id": p["id"], "source": p["source"], "tokens": len(p["ids"])} for p in prompts],
-              "rows": rows, "budget": budget_rows, "pass_at_1": passes, "best_settings": best}
+    by_method = {(r["method"], r["temperature"], r["batch"]): o for r, o in zip(rows, outputs) if not r["sweep"]}
+    passes = pass_at_1(rows, by_method, prompts, cfg.budgets_s, tok, cfg.max_new_tokens) if cfg.pass_at_1 else []
+    result = {"config": {"bench": _plain(dataclasses.asdict(cfg))}, "config_path": config_path,
+              "hardware": hardware(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+              "notes": notes, "prompts": [{"id": p["id"], "source": p["source"], "tokens": len(p["ids"])}
+                                          for p in prompts],
+              "rows": rows, "budget": budget_rows, "pass_at_1": passes, "best_settings": best_settings(rows),
+              "cost_models": {b: cm.to_json() for b, cm in cms.items()}}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     plots = write_plots(out, rows, budget_rows)
-    md = render_markdown(result, plots)
-    (out / "results.md").write_text(md)
+    (out / "results.md").write_text(render_markdown(result, plots))
     return result
 
 
-def _best_settings(rows: list[dict]) -> list[dict]:
+def _compare_with_ar(rows: list[dict], outputs: list[dict]) -> None:
+    """Speed-up over ar and greedy equality, both against the ar row of the same (temperature, batch) (sweep rows:
+    batch 1). Rows whose sampling draws differ (T > 0) have no equality check."""
+    ar = {(r["temperature"], r["batch"]): (r, o) for r, o in zip(rows, outputs) if r["method"] == "ar"
+          and not r["sweep"]}
+    for r, mine in zip(rows, outputs):
+        ref = ar.get((r["temperature"], r["batch"] if not r["sweep"] else 1))
+        r["speedup_vs_ar"] = r["tokens_per_s"] / ref[0]["tokens_per_s"] if ref else None
+        if r.get("predicted_tokens_per_s") and ref and ref[0].get("predicted_tokens_per_s"):
+            r["predicted_speedup"] = r["predicted_tokens_per_s"] / ref[0]["predicted_tokens_per_s"]
+        r["greedy_matches_ar"] = None
+        if r["temperature"] == 0.0 and ref is not None:
+            r["greedy_matches_ar"] = all(mine[i] == ref[1][i] for i in mine if i in ref[1])
+
+
+def best_settings(rows: list[dict]) -> list[dict]:
+    """Per (temperature, method): the fastest batch-1 row of the run (main table or sweep). A row below ar says
+    why: the cost model's round cost against ar's and the tokens per round it reached."""
     best = {}
     for r in rows:
-        if r["temperature"] != 0.0 or r["batch"] != 1 or r["method"] not in JAX_METHODS:
+        if r["batch"] != 1 or r["method"] not in JAX_METHODS:
             continue
-        if r["method"] not in best or r["tokens_per_s"] > best[r["method"]]["tokens_per_s"]:
-            best[r["method"]] = r
-    keys = ("method", "gamma", "num_drafts", "draft_temperature", "denoise_steps", "tokens_per_s", "speedup_vs_ar",
-            "tokens_per_verifier_call")
-    return [{**{k: r.get(k) for k in keys}, "source": "sweep" if r["sweep"] else "main run"} for r in best.values()]
+        k = (r["temperature"], r["method"])
+        if k not in best or r["tokens_per_s"] > best[k]["tokens_per_s"]:
+            best[k] = r
+    keys = ("method", "temperature", "gamma", "num_drafts", "draft_temperature", "acceptance", "tokens_per_s",
+            "speedup_vs_ar", "predicted_speedup", "tokens_per_verifier_call")
+    out = []
+    for (temp, _), r in sorted(best.items(), key=lambda kv: (kv[0][0], JAX_METHODS.index(kv[0][1]))):
+        why = ""
+        if r.get("speedup_vs_ar") is not None and r["speedup_vs_ar"] < 1.0 and r["method"] != "ar":
+            tau, ps = r["tokens_per_verifier_call"], r.get("predicted_speedup")
+            why = (f"a round emits {tau:.2f} tokens and costs {tau / ps:.2f} ar steps (cost model: {ps:.2f}x)"
+                   if ps else "no cost-model prediction")
+        out.append({**{k: r.get(k) for k in keys}, "source": "sweep" if r["sweep"] else "main run", "why": why})
+    return out
+
+
+def _auto_lines(rows: list[dict]) -> list[str]:
+    """The auto rows: what the planner chose, its predicted tokens/s and the measured ones."""
+    out = []
+    for r in rows:
+        if r["method"] == "auto" and r.get("plan"):
+            pl = r["plan"]
+            out.append(f"- T={r['temperature']:g}, batch {r['batch']}: chose **{r['choice']}**; planner predicted "
+                       f"{pl['predicted_tokens_per_s']:.0f} tokens/s ({pl['expected_tokens']:.2f} tokens per "
+                       f"{pl['round_ms']:.2f} ms round), measured {r['tokens_per_s']:.0f} "
+                       f"({r['speedup_vs_ar']:.2f}x ar)")
+    return out
+
+
+def _cost_lines(result: dict) -> list[str]:
+    out = []
+    for b, cm in result.get("cost_models", {}).items():
+        qs = " | ".join(str(q) for q in cm["verifier_q"])
+        rel = " | ".join(f"{m / cm['verifier_ms'][0]:.2f}" for m in cm["verifier_ms"])
+        out += [f"Batch {b}, context {cm['ctx']}: verifier forward {cm['verifier_ms'][0]:.3f} ms at Q=1, fixed "
+                f"part of a round {cm['fixed_ms']:.3f} ms ({cm['source']}, {cm['device']}).", "",
+                f"| Q | {qs} |", "|---|" + "---|" * len(cm["verifier_q"]), f"| cost vs Q=1 | {rel} |", ""]
+    return out
 
 
 def render_markdown(result: dict, plots: list[str]) -> str:
     rows = result["rows"]
     main = [r for r in rows if not r["sweep"]]
     sweep = [r for r in rows if r["sweep"]]
-    hw = result["hardware"]
+    hw, bc = result["hardware"], result["config"]["bench"]
     parts = [f"# Decode benchmark, {result['date']}",
              f"Hardware: {hw['device_kind']} ({hw['backend']}, {hw['cpu_count']} CPUs), jax {hw['jax']}. "
-             f"{len(result['prompts'])} prompts, max_new_tokens {result['config']['max_new_tokens']}, "
-             f"{result['config']['repeats']} repeats; tokens/s = median decode throughput (prefill and compilation "
-             "excluded); draft/verify shares are estimates (isolated forward timings x call counts).", ""]
+             f"{len(result['prompts'])} prompts, max_new_tokens {bc['max_new_tokens']}, {bc['repeats']} repeats; "
+             "tokens/s = median decode throughput (prefill and compilation excluded). predicted_tokens_per_s: the "
+             "cost model's figure for the rounds the row ran; draft/verify shares: modelled forward time over the "
+             "measured decode time.", ""]
     parts += ["## Main table", table(main), ""]
+    auto = _auto_lines(rows)
+    if auto:
+        parts += ["## The auto planner's choices", *auto, ""]
     if sweep:
-        cols = ("method", "gamma", "num_drafts", "draft_temperature", "denoise_steps", "tokens_per_s",
-                "speedup_vs_ar", "tokens_per_verifier_call", "greedy_matches_ar")
-        parts += ["## Tuning sweeps (temperature 0, batch 1)", table(sweep, cols), ""]
-    parts += ["## Best setting per method (temperature 0, batch 1)",
-              table(result["best_settings"], ("method", "gamma", "num_drafts", "draft_temperature",
-                                              "denoise_steps", "tokens_per_s", "speedup_vs_ar",
-                                              "tokens_per_verifier_call", "source")), ""]
+        cols = ("method", "temperature", "gamma", "num_drafts", "draft_temperature", "acceptance", "denoise_steps",
+                "tokens_per_s", "speedup_vs_ar", "predicted_speedup", "tokens_per_verifier_call", "greedy_matches_ar")
+        parts += [f"## Tuning sweep ({bc['sweep_mode']}, batch 1, first {bc['sweep_prompts']} prompts)",
+                  table(sweep, cols), ""]
+    parts += ["## Best setting per method (batch 1, main table and sweep of this run)",
+              table(result["best_settings"], ("method", "temperature", "gamma", "num_drafts", "draft_temperature",
+                                              "acceptance", "tokens_per_s", "speedup_vs_ar", "predicted_speedup",
+                                              "tokens_per_verifier_call", "source", "why")), ""]
+    parts += ["## Cost model", *_cost_lines(result)]
     if result["budget"]:
         budgets = sorted({b["budget_s"] for b in result["budget"]})
         methods = list(dict.fromkeys(b["method"] for b in result["budget"]))
@@ -753,6 +739,8 @@ def main(argv=None) -> int:
         return 2
     main_rows = [r for r in result["rows"] if not r["sweep"]]
     print(table(main_rows))
+    for line in _auto_lines(result["rows"]):
+        print(line)
     for n in result["notes"]:
         print(f"note: {n}")
     print(f"results in {out}/ (results.json, results.md, plots)")

@@ -194,11 +194,12 @@ def resolve_acceptance(
             f"acceptance='greedy' is only lossless at temperature 0 (got temperature={temperature}); "
             "use 'delta' or 'pq', or acceptance='auto'"
         )
-    if method == "specdiff2" and acceptance in ("pq", "multi_draft"):
+    if method == "specdiff2" and acceptance == "pq" and K > 1:
         raise AcceptanceError(
-            f"acceptance={acceptance!r} after self-selection (specdiff2) is not lossless: selection picks the "
-            "draft using the verifier's probabilities, so the chosen tokens are no longer distributed as q; "
-            "use acceptance='delta' (exact for any draft) or 'greedy' at temperature 0"
+            "acceptance='pq' after self-selection (specdiff2 with num_drafts > 1) is not lossless: selection picks "
+            "the draft using the verifier's probabilities, so the chosen tokens are no longer distributed as q; "
+            "use acceptance='delta' (exact for any draft), 'multi_draft' (all K drafts verified, no selection) or "
+            "'greedy' at temperature 0"
         )
     if acceptance in ("pq", "multi_draft") and T > 1:
         raise AcceptanceError(
@@ -211,7 +212,7 @@ def resolve_acceptance(
             f"acceptance='pq' takes one draft (got num_drafts={K}); use 'multi_draft' for K i.i.d. drafts "
             "or method='specdiff2' (self-selection + delta)"
         )
-    if method == "specdiff" and K > 1 and acceptance == "delta":
+    if method == "specdiff" and K > 1 and acceptance == "delta":  # specdiff2 is the K > 1 + delta method
         raise AcceptanceError(
             "method='specdiff' with num_drafts > 1 verifies all drafts with 'multi_draft'; "
             "to pick one draft by self-selection use method='specdiff2'"

@@ -413,7 +413,7 @@ def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_
     the earlier positions were accepted, G floats), accept_rate (P(position j accepted) per round), mean_accepted,
     accepted_hist, and per prompt row_tokens / row_verifier_calls (for confidence intervals over prompts). Greedy output equals the verifier's own greedy decoding, so every
     drafter is judged on the same token sequences."""
-    from specdiff_jax.decode import Decoder
+    from specdiff_jax.decode import Decoder, acceptance_stats
 
     if not prompts:
         raise ValueError("kernel_eval: no prompts")
@@ -431,12 +431,7 @@ def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_
         row_tokens += np.asarray(out.lengths)[:n].astype(int).tolist()
         row_rounds += [int(r) for r in st["row_verifier_calls"][:n]]
     tokens, rounds = sum(row_tokens), sum(row_rounds)
-    reach = np.array([hist[j:].sum() for j in range(gamma)])
-    alpha = [float(a) / r if r else None for a, r in zip(acc, reach)]  # None: position never judged
-    return {"tokens_per_verifier_call": tokens / max(rounds, 1), "alpha": alpha, "reach": reach.tolist(),
-            # P(draft token j accepted) per round, unconditionally: the fraction of rounds whose streak reaches j
-            "accept_rate": (acc / max(int(hist.sum()), 1)).tolist(),
-            "mean_accepted": float(np.dot(np.arange(gamma + 1), hist)) / max(hist.sum(), 1),
-            "accepted_hist": hist.tolist(), "tokens": int(tokens), "verifier_calls": int(rounds),
+    return {**acceptance_stats(hist, acc, tokens=tokens, row_rounds=rounds),
+            "tokens": int(tokens), "verifier_calls": int(rounds),
             "row_tokens": row_tokens, "row_verifier_calls": row_rounds,
             "prompts": len(prompts), "gamma": gamma, "draft_temperature": draft_temperature}

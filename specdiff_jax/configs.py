@@ -7,6 +7,7 @@ into frozen dataclasses, one per section:
 
     model -> specdiff_jax.config.ModelConfig    data -> DataConfig     train -> TrainConfig
     mesh  -> MeshConfig                         checkpoint -> CheckpointConfig
+    generate, calibrate, pair                   bench -> BenchConfig (the decode benchmark)
 
 Errors a user can cause name the key and the fix: an unknown key names the closest valid keys (difflib), a key
 given twice on the command line is refused, a type error names the key, the value and the expected type.
@@ -170,6 +171,49 @@ class PairConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """The decode benchmark (eval/benchmark.py); its own files hold a `bench:` section (configs/bench/)."""
+
+    verifier: str = "assets/tiny/verifier"
+    tokenizer: str = "assets/tiny"
+    sps_drafter: str = "assets/tiny/drafter_ar"
+    specdiff_drafter: str = "assets/tiny/drafter_base"
+    specdiff2_drafter: str = "assets/tiny/drafter_streak"
+    methods: tuple[str, ...] = ("ar", "sps", "specdiff", "specdiff2", "auto", "hf_generate", "hf_assisted")
+    humaneval_prompts: int = 8
+    validation_prompts: int = 0
+    validation_file: str = "assets/tiny/val_snippets.jsonl"
+    max_prompt_tokens: int = 256
+    max_new_tokens: int = 128
+    temperatures: tuple[float, ...] = (0.0, 1.0)
+    batch_sizes: tuple[int, ...] = (1,)
+    repeats: int = 2
+    seed: int = 0
+    sps_gamma: int = 4
+    sps_draft_temperature: float | None = None
+    specdiff_gamma: int = 16
+    specdiff_draft_temperature: float | None = None
+    specdiff2_gamma: int = 16
+    specdiff2_num_drafts: int = 4
+    specdiff2_draft_temperature: float | None = None
+    specdiff2_rules: tuple[str, ...] = ("delta", "multi_draft")
+    denoise_steps: int = 1
+    auto_max_gamma: int = 16
+    auto_adaptive_gamma: bool = False
+    sweep_gamma: tuple[int, ...] = ()
+    sweep_num_drafts: tuple[int, ...] = ()
+    sweep_draft_temperature: tuple[float, ...] = ()
+    sweep_denoise_steps: tuple[int, ...] = ()
+    sweep_mode: Literal["grid", "one_at_a_time"] = "grid"
+    sweep_temperatures: tuple[float, ...] = (0.0,)
+    sweep_prompts: int = 4
+    budgets_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
+    pass_at_1: bool = False
+    threads: int = 0
+    progress_bar: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
 class Config:
     model: ModelConfig
     data: DataConfig = DataConfig()
@@ -180,6 +224,7 @@ class Config:
     generate: GenerateConfig = GenerateConfig()
     calibrate: CalibrateConfig = CalibrateConfig()
     pair: PairConfig = PairConfig()
+    bench: BenchConfig = BenchConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
@@ -197,6 +242,7 @@ SECTIONS: dict[str, type] = {
     "generate": GenerateConfig,
     "calibrate": CalibrateConfig,
     "pair": PairConfig,
+    "bench": BenchConfig,
 }
 TOP_LEVEL = ("workdir",)
 
@@ -474,9 +520,18 @@ def load_config(
     model = ModelConfig(**model_kw)
     cfg = Config(model=model, data=data, train=train, mesh=mesh, checkpoint=ckpt, **top,
                  generate=GenerateConfig(**sections["generate"]), calibrate=CalibrateConfig(**sections["calibrate"]),
-                 pair=PairConfig(**sections["pair"]))
+                 pair=PairConfig(**sections["pair"]), bench=BenchConfig(**sections["bench"]))
     validate(cfg)
     return cfg
+
+
+def load_section(name: str, path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()):
+    """One section of the config system alone (e.g. "bench" for eval/benchmark.py), typed and validated like a
+    full config: defaults <- the file's `name:` section <- overrides. Overrides may drop the section prefix
+    (`methods=[ar]` for `bench.methods=[ar]`)."""
+    overrides = [o if "=" not in o or "." in o.split("=", 1)[0] else f"{name}.{o}" for o in overrides]
+    flat, raws = merged_flat(path, overrides)
+    return SECTIONS[name](**_build_section(name, SECTIONS[name], flat, raws))
 
 
 def _load_tokenizer(path: str, keys: list[str]):

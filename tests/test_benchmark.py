@@ -23,29 +23,38 @@ def model_dir(tmp_path_factory):
     return d
 
 
-def test_benchmark_smoke(model_dir, tmp_path):
+def test_benchmark_smoke(model_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("SPECDIFF_JAX_CACHE", str(tmp_path / "cache"))  # cost models and acceptance profiles
     out = tmp_path / "out"
     rc = main(["--config", "configs/bench/tiny.yaml", "--out", str(out),
                f"verifier={model_dir / 'verifier'}", f"specdiff_drafter={model_dir / 'drafter_base'}",
-               "methods=[ar, specdiff]", "humaneval_prompts=2", "max_prompt_tokens=40", "max_new_tokens=12",
-               "temperatures=[0.0]", "repeats=1", "specdiff_gamma=4", "progress_bar=false"])
+               "methods=[ar, specdiff, auto]", "humaneval_prompts=2", "max_prompt_tokens=40", "max_new_tokens=12",
+               "temperatures=[0.0]", "repeats=1", "specdiff_gamma=4", "progress_bar=false", "sweep_gamma=[2, 4]",
+               "sweep_temperatures=[0.0]", "auto_max_gamma=4"])
     assert rc == 0
     for name in ("results.json", "results.md", "config.yaml", "speedup_T0.png", "alpha.png",
                  "acceleration_compute.png"):
         assert (out / name).is_file(), name
     res = json.loads((out / "results.json").read_text())
     assert set(res) >= {"config", "hardware", "rows"}
-    assert [r["method"] for r in res["rows"]] == ["ar", "specdiff"]
+    assert [r["method"] for r in res["rows"]] == ["ar", "specdiff", "auto", "specdiff", "specdiff"]
+    assert [r["sweep"] for r in res["rows"]] == [False, False, False, True, True]
+    assert [r["gamma"] for r in res["rows"][3:]] == [2, 4]
     for r in res["rows"]:
+        assert r["predicted_tokens_per_s"] > 0 and 0 <= r["verify_share"] and 0 <= r["draft_share"]
         assert isinstance(r["temperature"], float) and r["batch"] == 1
         assert r["tokens_per_s"] > 0 and r["speedup_vs_ar"] > 0
         assert r["greedy_matches_ar"] is True
-    ar, sd = res["rows"]
+    ar, sd, auto = res["rows"][:3]
+    assert auto["plan"]["method"] in ("ar", "specdiff2") and auto["choice"]
+    assert {b["method"] for b in res["best_settings"]} == {"ar", "specdiff", "auto"}
+    assert "1" in res["cost_models"] or 1 in res["cost_models"]
     assert ar["gamma"] is None and ar["num_drafts"] is None and ar["speedup_vs_ar"] == 1.0
     assert sd["gamma"] == 4 and sd["num_drafts"] == 1 and sd["tokens_per_verifier_call"] >= 1.0
     assert len(sd["alpha"]) == 4 and sum(sd["accepted_hist"]) > 0
     assert any("max_prompt_tokens" in n for n in res["notes"])  # the prompts were cut, and it says so
-    assert "| specdiff |" in (out / "results.md").read_text()
+    md = (out / "results.md").read_text()
+    assert "| specdiff |" in md and "## The auto planner's choices" in md and "## Cost model" in md
 
 
 @pytest.mark.parametrize("override, needle", [

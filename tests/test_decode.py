@@ -158,7 +158,7 @@ def test_same_bucket_compiles_once(models):
     (dict(method="ar", top_p=0.0), r"top_p=0.0 must be in \(0, 1\]"),
     (dict(method="ar", top_p=1.5), r"top_p=1.5 must be in \(0, 1\]"),
     (dict(method="ar", max_new_tokens=0), "max_new_tokens=0"),
-    (dict(method="specdiff2", drafter="block", temperature=1.0, acceptance="pq"), "not lossless"),
+    (dict(method="specdiff2", drafter="block", temperature=1.0, num_drafts=4, acceptance="pq"), "not lossless"),
     (dict(method="specdiff", drafter="block", temperature=1.0, denoise_steps=2, acceptance="pq"), "not lossless"),
     (dict(method="ar", prompts=[[1, 2], []]), "prompt 1 is empty"),
     (dict(method="ar", prompts=[]), "non-empty list"),

@@ -1,0 +1,248 @@
+"""The cost model of a verifier-drafter pair on a device: what a decode round costs, measured or predicted.
+
+A speculative round costs one verifier forward over Q = K * (gamma + 1) query tokens against the KV cache, the
+drafter's forwards, and a fixed part outside the models (sampling, cache and sequence writes, bookkeeping):
+
+    t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_fixed
+
+`measure` times the real forwards on this device (bare `Transformer.forward` calls inside a jitted loop, so
+dispatch is excluded) and the fixed part from a short `ar` decode; the result is cached on disk under a key of the
+device kind, the models' fingerprints, the batch and the context bucket, so another device or another model never
+reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
+bandwidth in `ACCELERATORS`), to ask what a pair would do on hardware one does not have.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from specdiff_jax.cache import KVCache
+
+VERIFIER_QS = (1, 2, 3, 5, 9, 17, 33, 65)
+DRAFTER_QS = (2, 3, 5, 9, 17, 33)
+# name -> (peak dense bf16 FLOP/s, memory bandwidth bytes/s, fixed per-round overhead in ms), per chip
+ACCELERATORS = {
+    "tpu-v5e": (197e12, 819e9, 0.05),
+    "tpu-v5p": (459e12, 2765e9, 0.05),
+    "tpu-v6e": (918e12, 1640e9, 0.05),
+    "h100": (989e12, 3350e9, 0.03),
+    "h200": (989e12, 4800e9, 0.03),
+    "a100": (312e12, 2039e9, 0.03),
+}
+
+
+def cache_dir() -> Path:
+    """Where measured cost models and acceptance profiles are kept ($SPECDIFF_JAX_CACHE or ~/.cache)."""
+    return Path(os.environ.get("SPECDIFF_JAX_CACHE", Path.home() / ".cache" / "specdiff_jax"))
+
+
+def fingerprint(model) -> str:
+    """A short hash of a model's config, parameter shapes and a sample of its values: equal only for the same
+    weights in practice (cheap: it reads a few values of each array)."""
+    h = hashlib.sha256(json.dumps(dataclasses.asdict(model.cfg), sort_keys=True, default=str).encode())
+    for path, x in sorted(jax.tree_util.tree_leaves_with_path(nnx.state(model)), key=lambda kv: str(kv[0])):
+        a = np.asarray(x).reshape(-1)
+        h.update(f"{jax.tree_util.keystr(path)}{a.shape}{a.dtype}".encode())
+        h.update(np.ascontiguousarray(a[:: max(1, a.size // 64)][:64]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def device_kind() -> str:
+    d = jax.devices()[0]
+    return f"{jax.default_backend()}:{d.device_kind}"
+
+
+def ctx_bucket(n: int) -> int:
+    return max(64, 1 << (max(n, 1) - 1).bit_length())
+
+
+def time_forward(model, batch: int, queries: int, cache_cap: int, cache_len: int, reps: int = 16) -> float:
+    """Seconds per model.forward of `queries` tokens against a cache (cache_cap 0 = none), as inside the kernel.
+
+    The forwards run back to back in one jitted fori_loop (each feeding the next), so per-call dispatch overhead,
+    which the fused decode loop does not pay, is amortised away. Median of 3 timings.
+    """
+    g, st = nnx.split(model)
+    cfg = model.cfg
+    mask = jnp.ones((1, queries, queries), bool)
+
+    @jax.jit
+    def f(st, toks, pos, cache):
+        m = nnx.merge(g, st)
+
+        def body(_, t):
+            logits = m.forward(t, pos, mask, cache)[0]
+            return jnp.argmax(logits, axis=-1).astype(jnp.int32) % cfg.vocab_size
+
+        return jax.lax.fori_loop(0, reps, body, toks)
+
+    toks = jnp.zeros((batch, queries), jnp.int32)
+    pos = cache_len + jnp.broadcast_to(jnp.arange(queries, dtype=jnp.int32), (batch, queries))
+    cache = None
+    if cache_cap:
+        cache = KVCache.init(cfg, batch, cache_cap).with_lengths(jnp.full((batch,), cache_len, jnp.int32))
+    f(st, toks, pos, cache).block_until_ready()
+    ts = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        f(st, toks, pos, cache).block_until_ready()
+        ts.append((time.perf_counter() - t0) / reps)
+    return statistics.median(ts)
+
+
+def _interp(qs, ms, q: float) -> float:
+    """Piecewise-linear in Q, extrapolated linearly past the last measured point."""
+    qs, ms = list(qs), list(ms)
+    if q <= qs[-1]:
+        return float(np.interp(q, qs, ms))
+    slope = (ms[-1] - ms[-2]) / (qs[-1] - qs[-2])
+    return ms[-1] + slope * (q - qs[-1])
+
+
+@dataclasses.dataclass
+class CostModel:
+    """Milliseconds of a verifier forward by query count, of drafter forwards by kind, and the fixed round part."""
+
+    source: str  # "measured" or "analytic:<accelerator>"
+    device: str
+    batch: int
+    ctx: int  # context length (cache entries) the curves were taken at
+    verifier_q: tuple
+    verifier_ms: tuple
+    drafter_q: dict  # kind -> query counts
+    drafter_ms: dict  # kind -> ms
+    fixed_ms: float
+    window: int = 0  # bidirectional drafters: committed tokens re-encoded per round
+
+    def verify_ms(self, q: int) -> float:
+        return _interp(self.verifier_q, self.verifier_ms, q)
+
+    def draft_ms(self, kind: str, gamma: int, num_drafts: int = 1, steps: int = 1) -> float:
+        if kind == "none":
+            return 0.0
+        f = lambda q: _interp(self.drafter_q[kind], self.drafter_ms[kind], q)  # noqa: E731
+        if kind == "ar":  # the 1-2 pending tokens, then gamma - 1 one-token steps
+            return f(2) + (gamma - 1) * f(1)
+        if kind == "block":  # pending (<= gamma + 1) + gamma MASKs in one forward; T - 1 block re-runs
+            return f(2 * gamma + 1) + (min(steps, gamma) - 1) * f(num_drafts * gamma)
+        return min(steps, gamma) * f(self.window + gamma) * (num_drafts if steps > 1 else 1)  # bidir
+
+    def round_ms(self, kind: str, gamma: int, num_drafts: int = 1, steps: int = 1) -> float:
+        q = 1 if kind == "none" else num_drafts * (gamma + 1)
+        return self.verify_ms(q) + self.draft_ms(kind, gamma, num_drafts, steps) + self.fixed_ms
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "CostModel":
+        d = dict(d)
+        for k in ("verifier_q", "verifier_ms"):
+            d[k] = tuple(d[k])
+        return cls(**d)
+
+
+def _ar_fixed_ms(verifier, batch: int, ctx: int, t_v1: float) -> float:
+    """Milliseconds per `ar` kernel step outside the verifier forward (a short decode at this context)."""
+    from specdiff_jax.decode.api import Decoder
+
+    n = 32
+    prompt_len = max(1, min(ctx, verifier.cfg.max_seq_len - n - 1) - n // 2)
+    prompts = [[3 + (i * 7 + b) % 50 for i in range(prompt_len)] for b in range(batch)]
+    dec = Decoder(verifier, method="ar", max_new_tokens=n, eos_id=None)
+    state = dec.prefill(prompts)
+    jax.block_until_ready(dec.decode_raw(state, 0))
+    ts = []
+    for r in range(3):
+        state = dec.prefill(prompts)
+        jax.block_until_ready(state["carry"])
+        t0 = time.perf_counter()
+        jax.block_until_ready(dec.decode_raw(state, r))
+        ts.append((time.perf_counter() - t0) / n)
+    return max(0.0, 1e3 * statistics.median(ts) - t_v1)
+
+
+def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int = 256, use_cache: bool = True,
+            progress=None) -> CostModel:
+    """Measure (or load from the disk cache) the cost model of `verifier` and `drafters` ({kind: model} with kind
+    in ar | block | bidir) on this device at `batch` rows and a context of about `ctx` tokens."""
+    drafters = drafters or {}
+    ctx = ctx_bucket(ctx)
+    key = "_".join([device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
+                    *[f"{k}-{fingerprint(m)}" for k, m in sorted(drafters.items())], f"b{batch}", f"c{ctx}"])
+    path = cache_dir() / "cost" / f"{key}.json"
+    if use_cache and path.is_file():
+        try:
+            return CostModel.from_json(json.loads(path.read_text()))
+        except (ValueError, TypeError, KeyError):
+            pass  # a stale or damaged entry is measured again
+    say = progress or (lambda msg: None)
+    cap = min(verifier.cfg.max_seq_len, ctx + max(VERIFIER_QS))
+    length = min(ctx, cap - max(VERIFIER_QS))
+    say(f"cost model: timing the verifier at {len(VERIFIER_QS)} query counts")
+    vms = tuple(1e3 * time_forward(verifier, batch, q, cap, length) for q in VERIFIER_QS)
+    dq, dms, window = {}, {}, 0
+    for kind, m in sorted(drafters.items()):
+        say(f"cost model: timing the {kind} drafter")
+        if kind == "bidir":
+            window = min(512, length)
+            qs = tuple(window + g for g in (4, 8, 16, 32) if window + g <= m.cfg.max_seq_len)
+            dq[kind], dms[kind] = qs, tuple(1e3 * time_forward(m, batch, q, 0, 0) for q in qs)
+        else:
+            qs = (1,) + DRAFTER_QS if kind == "ar" else DRAFTER_QS
+            dcap = min(m.cfg.max_seq_len, ctx + max(qs))
+            dq[kind] = qs
+            dms[kind] = tuple(1e3 * time_forward(m, batch, q, dcap, min(length, dcap - max(qs))) for q in qs)
+    say("cost model: timing the fixed part of a round")
+    fixed = _ar_fixed_ms(verifier, batch, ctx, vms[0])
+    cm = CostModel("measured", device_kind(), batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(cm.to_json(), indent=1))
+        tmp.replace(path)
+    except OSError:
+        pass  # a read-only cache directory only costs a re-measurement next time
+    return cm
+
+
+def _forward_ms(cfg, batch: int, q: int, keys: int, peak: float, bw: float) -> float:
+    """Roofline time of one forward: max(FLOPs / peak, bytes / bandwidth), bf16 weights and cache."""
+    D, L, F = cfg.hidden_size, cfg.num_layers, cfg.intermediate_size
+    H, KV, hd, V = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+    layer_params = D * (H + 2 * KV) * hd + H * hd * D + 3 * D * F
+    params = L * layer_params + 2 * V * D
+    tokens = batch * q
+    flops = 2 * tokens * (L * layer_params + V * D) + 4 * tokens * L * H * hd * keys
+    bytes_ = 2 * params + 2 * 2 * L * batch * KV * hd * keys + 4 * tokens * V
+    return 1e3 * max(flops / peak, bytes_ / bw)
+
+
+def analytic(verifier_cfg, drafter_cfgs: dict | None = None, *, accelerator: str, batch: int = 1,
+             ctx: int = 1024) -> CostModel:
+    """The cost model a pair would have on `accelerator` (a key of ACCELERATORS), from FLOPs and bytes."""
+    if accelerator not in ACCELERATORS:
+        raise ValueError(f"accelerator {accelerator!r} is unknown; choose one of {sorted(ACCELERATORS)}")
+    peak, bw, fixed = ACCELERATORS[accelerator]
+    vms = tuple(_forward_ms(verifier_cfg, batch, q, ctx + q, peak, bw) for q in VERIFIER_QS)
+    dq, dms, window = {}, {}, 0
+    for kind, cfg in sorted((drafter_cfgs or {}).items()):
+        if kind == "bidir":
+            window = min(512, ctx)
+            qs = tuple(window + g for g in (4, 8, 16, 32))
+            dq[kind], dms[kind] = qs, tuple(_forward_ms(cfg, batch, q, q, peak, bw) for q in qs)
+        else:
+            qs = (1,) + DRAFTER_QS if kind == "ar" else DRAFTER_QS
+            dq[kind], dms[kind] = qs, tuple(_forward_ms(cfg, batch, q, ctx + q, peak, bw) for q in qs)
+    return CostModel(f"analytic:{accelerator}", accelerator, batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window)
