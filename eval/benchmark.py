@@ -136,7 +136,8 @@ def _decoder(job: dict, models: dict, cfg: BenchConfig, eos_id):
         cands = [models[k] for k in ("specdiff2", "sps", "specdiff") if k in models]
         return Decoder(models["verifier"], cands, method="auto", max_new_tokens=cfg.max_new_tokens,
                        temperature=job["temperature"], eos_id=eos_id, gamma=cfg.auto_max_gamma,
-                       adaptive_gamma=cfg.auto_adaptive_gamma, cost_model=job.get("cost_model"))
+                       adaptive_gamma=cfg.auto_adaptive_gamma, cost_model=job.get("cost_model"),
+                       plan_prompts=[p["ids"] for p in job.get("plan_prompts", [])] or None)
     return Decoder(models["verifier"], models.get(m), method=m, max_new_tokens=cfg.max_new_tokens,
                    temperature=job["temperature"], eos_id=eos_id, **job["settings"])
 
@@ -193,7 +194,7 @@ def run_jax_method(job: dict, models: dict, prompts: list[dict], *, cfg: BenchCo
     """Time one kernel configuration. Returns a row (metrics) plus per-prompt outputs for comparisons."""
     import jax
 
-    dec = _decoder(dict(job, cost_model=cost_model), models, cfg, eos_id)
+    dec = _decoder(dict(job, cost_model=cost_model, plan_prompts=prompts), models, cfg, eos_id)
     batches = _batches(prompts, job["batch"])
     compile_s = 0.0
     for bt in batches:  # warm-up: compiles each distinct (bucket, batch) shape once (auto: plans first)

@@ -196,7 +196,7 @@ class BenchConfig:
     specdiff2_gamma: int = 16
     specdiff2_num_drafts: int = 4
     specdiff2_draft_temperature: float | None = None
-    specdiff2_rules: tuple[str, ...] = ("delta", "multi_draft")
+    specdiff2_rules: tuple[str, ...] = ("multi_draft", "delta")
     denoise_steps: int = 1
     auto_max_gamma: int = 16
     auto_adaptive_gamma: bool = False

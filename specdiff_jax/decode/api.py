@@ -128,6 +128,7 @@ class Decoder:
     method="auto": `drafter` may be one model or a list of candidates; the planner picks the method, drafter,
     gamma, K, draft temperature, acceptance rule and adaptive block sizes with the highest predicted tokens/s
     (or `ar` when nothing pays) at the first `prefill`; `plan` then holds the choice and its prediction.
+    plan_prompts: prompts the planner measures acceptance on (default: those of the first prefill).
     adaptive_gamma: True (block sizes gamma/4, gamma/2, gamma) or a list of block sizes: each round picks one
     from the acceptance seen so far (exactly lossless; one compiled kernel).
     """
@@ -136,7 +137,7 @@ class Decoder:
                  top_k: int = 0, top_p: float = 1.0, gamma: int = 16, num_drafts: int = 1,
                  denoise_steps: int = 1, draft_temperature: float = 1.0, acceptance: str = "auto",
                  eos_id: int | None = None, draft_window: int = 512, adaptive_gamma=False, mesh=None, rules=None,
-                 cost_model=None):
+                 cost_model=None, plan_prompts=None):
         vcfg = verifier.cfg
         if method not in METHODS:
             raise DecodeError(f"method={method!r} is unknown; choose one of {METHODS}")
@@ -164,7 +165,7 @@ class Decoder:
         if method == "auto":
             cands = drafter if isinstance(drafter, (list, tuple)) else ([drafter] if drafter is not None else [])
             self._auto = dict(candidates=list(cands), cost_model=cost_model, gamma=gamma,
-                              adaptive=bool(adaptive_gamma))
+                              adaptive=bool(adaptive_gamma), plan_prompts=plan_prompts)
             self._configure("ar", None, gamma=1, num_drafts=1, denoise_steps=1, draft_temperature=0.0,
                             acceptance="auto", adaptive_gamma=False)
             self.method = "auto"
@@ -200,7 +201,8 @@ class Decoder:
         from specdiff_jax.decode import planner
 
         a = self._auto
-        plan = planner.plan(self.verifier, a["candidates"], prompts=prompts, temperature=self.temperature,
+        plan = planner.plan(self.verifier, a["candidates"], prompts=a["plan_prompts"] or prompts, batch=len(prompts),
+                            temperature=self.temperature,
                             top_k=self.top_k, top_p=self.top_p, max_new_tokens=self.max_new_tokens,
                             eos_id=self.eos_id, cost_model=a["cost_model"], max_gamma=a["gamma"],
                             adaptive=a["adaptive"])

@@ -3,12 +3,13 @@
 A speculative round costs one verifier forward over Q = K * (gamma + 1) query tokens against the KV cache, the
 drafter's forwards, and a fixed part outside the models (sampling, cache and sequence writes, bookkeeping):
 
-    t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_fixed
+    t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_rest(kind, K * (gamma + 1))
 
 `measure` times the real forwards on this device (bare `Transformer.forward` calls inside a jitted loop, so
-dispatch is excluded) and the fixed part from a short `ar` decode; the result is cached on disk under a key of the
-device kind, the models' fingerprints, the batch and the context bucket, so another device or another model never
-reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
+dispatch is excluded), and the part of a round outside the forwards from short real decodes (`ar`, and each
+speculative drafter kind at two draft lengths, fitted linearly in the number of verified positions). The result is
+cached on disk under a key of the device kind, the models' fingerprints, the batch and the context bucket, so
+another device or another model never reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
 bandwidth in `ACCELERATORS`), to ask what a pair would do on hardware one does not have.
 """
 
@@ -122,8 +123,10 @@ class CostModel:
     verifier_ms: tuple
     drafter_q: dict  # kind -> query counts
     drafter_ms: dict  # kind -> ms
-    fixed_ms: float
+    fixed_ms: float  # ar: ms per step outside the verifier forward
     window: int = 0  # bidirectional drafters: committed tokens re-encoded per round
+    # speculative rounds, per drafter kind: ms outside the modelled forwards = a + b * (verified positions)
+    overhead: dict = dataclasses.field(default_factory=dict)
 
     def verify_ms(self, q: int) -> float:
         return _interp(self.verifier_q, self.verifier_ms, q)
@@ -138,9 +141,16 @@ class CostModel:
             return f(2 * gamma + 1) + (min(steps, gamma) - 1) * f(num_drafts * gamma)
         return min(steps, gamma) * f(self.window + gamma) * (num_drafts if steps > 1 else 1)  # bidir
 
+    def round_overhead_ms(self, kind: str, q: int) -> float:
+        """ms of a round outside the models' forwards (sampling, acceptance, cache and sequence writes)."""
+        if kind == "none" or kind not in self.overhead:
+            return self.fixed_ms
+        a, b = self.overhead[kind]
+        return max(self.fixed_ms, a + b * q)
+
     def round_ms(self, kind: str, gamma: int, num_drafts: int = 1, steps: int = 1) -> float:
         q = 1 if kind == "none" else num_drafts * (gamma + 1)
-        return self.verify_ms(q) + self.draft_ms(kind, gamma, num_drafts, steps) + self.fixed_ms
+        return self.verify_ms(q) + self.draft_ms(kind, gamma, num_drafts, steps) + self.round_overhead_ms(kind, q)
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -150,17 +160,19 @@ class CostModel:
         d = dict(d)
         for k in ("verifier_q", "verifier_ms"):
             d[k] = tuple(d[k])
+        d["overhead"] = {k: tuple(v) for k, v in d.get("overhead", {}).items()}
         return cls(**d)
 
 
-def _ar_fixed_ms(verifier, batch: int, ctx: int, t_v1: float) -> float:
-    """Milliseconds per `ar` kernel step outside the verifier forward (a short decode at this context)."""
+def _round_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int) -> float:
+    """Measured ms per round of a short greedy decode at this context (drafts argmax)."""
     from specdiff_jax.decode.api import Decoder
 
     n = 32
-    prompt_len = max(1, min(ctx, verifier.cfg.max_seq_len - n - 1) - n // 2)
+    prompt_len = max(1, min(ctx, verifier.cfg.max_seq_len - n - gamma - 1) - n // 2)
     prompts = [[3 + (i * 7 + b) % 50 for i in range(prompt_len)] for b in range(batch)]
-    dec = Decoder(verifier, method="ar", max_new_tokens=n, eos_id=None)
+    dec = Decoder(verifier, drafter, method=method, max_new_tokens=n, eos_id=None, gamma=max(gamma, 1),
+                  draft_temperature=0.0)
     state = dec.prefill(prompts)
     jax.block_until_ready(dec.decode_raw(state, 0))
     ts = []
@@ -168,9 +180,24 @@ def _ar_fixed_ms(verifier, batch: int, ctx: int, t_v1: float) -> float:
         state = dec.prefill(prompts)
         jax.block_until_ready(state["carry"])
         t0 = time.perf_counter()
-        jax.block_until_ready(dec.decode_raw(state, r))
-        ts.append((time.perf_counter() - t0) / n)
-    return max(0.0, 1e3 * statistics.median(ts) - t_v1)
+        raw = dec.decode_raw(state, r)
+        jax.block_until_ready(raw)
+        ts.append((time.perf_counter() - t0) / max(int(raw[2]["rounds"]), 1))
+    return 1e3 * statistics.median(ts)
+
+
+def _overheads(cm: "CostModel", verifier, drafters: dict, batch: int) -> dict:
+    """Per drafter kind, (a, b) with a round's time outside the modelled forwards = a + b * (gamma + 1), fitted
+    on two measured gammas."""
+    out = {}
+    for kind, method in (("ar", "sps"), ("block", "specdiff2")):
+        if kind not in drafters:
+            continue
+        pts = [(g + 1, _round_ms(verifier, drafters[kind], method, g, batch, cm.ctx) - cm.verify_ms(g + 1)
+                - cm.draft_ms(kind, g)) for g in (2, 8)]
+        b = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
+        out[kind] = (pts[0][1] - b * pts[0][0], b)
+    return out
 
 
 def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int = 256, use_cache: bool = True,
@@ -179,7 +206,7 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
     in ar | block | bidir) on this device at `batch` rows and a context of about `ctx` tokens."""
     drafters = drafters or {}
     ctx = ctx_bucket(ctx)
-    key = "_".join([device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
+    key = "_".join(["v2", device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
                     *[f"{k}-{fingerprint(m)}" for k, m in sorted(drafters.items())], f"b{batch}", f"c{ctx}"])
     path = cache_dir() / "cost" / f"{key}.json"
     if use_cache and path.is_file():
@@ -205,8 +232,9 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
             dq[kind] = qs
             dms[kind] = tuple(1e3 * time_forward(m, batch, q, dcap, min(length, dcap - max(qs))) for q in qs)
     say("cost model: timing the fixed part of a round")
-    fixed = _ar_fixed_ms(verifier, batch, ctx, vms[0])
+    fixed = max(0.0, _round_ms(verifier, None, "ar", 0, batch, ctx) - vms[0])
     cm = CostModel("measured", device_kind(), batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window)
+    cm.overhead = _overheads(cm, verifier, drafters, batch)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")

@@ -117,9 +117,10 @@ def choose(cm: cost.CostModel, profiles: list[tuple[dict, str, list[float]]], ba
 
 def plan(verifier, candidates: list, *, prompts, temperature: float, top_k: int = 0, top_p: float = 1.0,
          max_new_tokens: int = 128, eos_id=None, cost_model: cost.CostModel | None = None,
-         max_gamma: int = 16, adaptive: bool = False) -> Plan:
-    """Pick the method and settings for decoding `prompts` with `verifier` and one of `candidates` (drafters)."""
-    batch = len(prompts)
+         max_gamma: int = 16, adaptive: bool = False, batch: int | None = None) -> Plan:
+    """Pick the method and settings for decoding batches of `batch` rows (default len(prompts)) with `verifier`
+    and one of `candidates` (drafters); acceptance is measured on the first PROFILE_PROMPTS `prompts`."""
+    batch = batch or len(prompts)
     ctx = int(np.mean([len(p) for p in prompts])) + max_new_tokens // 2
     kinds = {}
     for d in candidates:

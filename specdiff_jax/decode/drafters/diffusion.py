@@ -26,6 +26,8 @@ def denoise(s: KernelSpec, q1: Array, rerun, key: Array) -> Array:
     B, G, _ = q1.shape
     K, T = s.num_drafts, min(s.steps, G)
     if T == 1:
+        if s.draft_temperature == 0:  # q1 is one-hot: its sample is its argmax (no inverse-CDF search over V)
+            return jnp.broadcast_to(jnp.argmax(q1, axis=-1).astype(jnp.int32)[:, None], (B, K, G))
         return sample(key, q1[:, None], shape=(B, K, G))
     block = jnp.full((B, K, G), s.mask_id, jnp.int32)
     masked = jnp.ones((B, K, G), bool)
