@@ -30,6 +30,7 @@ import numpy as np
 import yaml
 
 from specdiff_jax.configs import _plain
+from specdiff_jax.timing import time_forward as _time_forward
 
 JAX_METHODS = ("ar", "sps", "specdiff", "specdiff2")
 HF_METHODS = ("hf_generate", "hf_assisted")
@@ -234,46 +235,6 @@ def _peak_mem_mb() -> dict:
     except Exception:  # noqa: BLE001 - memory stats are optional (None on CPU)
         pass
     return out
-
-
-def _time_forward(model, batch: int, queries: int, cache_cap: int, cache_len: int, reps: int = 32) -> float:
-    """Seconds per model.forward of `queries` tokens against a cache (cache_cap 0 = none), as inside the kernel.
-
-    The forwards run back to back in one jitted fori_loop (each feeding the next), so per-call dispatch overhead,
-    which the fused decode loop does not pay, is amortised away. Median of 3 timings.
-    """
-    import jax
-    import jax.numpy as jnp
-    from flax import nnx
-
-    from specdiff_jax.cache import KVCache
-
-    g, st = nnx.split(model)
-    cfg = model.cfg
-    mask = jnp.ones((1, queries, queries), bool)
-
-    @jax.jit
-    def f(st, toks, pos, cache):
-        m = nnx.merge(g, st)
-
-        def body(_, t):
-            logits = m.forward(t, pos, mask, cache)[0]
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32) % cfg.vocab_size
-
-        return jax.lax.fori_loop(0, reps, body, toks)
-
-    toks = jnp.zeros((batch, queries), jnp.int32)
-    pos = cache_len + jnp.broadcast_to(jnp.arange(queries, dtype=jnp.int32), (batch, queries))
-    cache = None
-    if cache_cap:
-        cache = KVCache.init(cfg, batch, cache_cap).with_lengths(jnp.full((batch,), cache_len, jnp.int32))
-    f(st, toks, pos, cache).block_until_ready()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        f(st, toks, pos, cache).block_until_ready()
-        ts.append((time.perf_counter() - t0) / reps)
-    return statistics.median(ts)
 
 
 def run_jax_method(method: str, models: dict, prompts: list[dict], *, temperature: float, batch: int,
