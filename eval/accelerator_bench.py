@@ -30,7 +30,6 @@ import argparse
 import dataclasses
 import datetime as _dt
 import json
-import math
 import os
 import platform
 import shutil
@@ -93,7 +92,7 @@ class Sizes:
         "model.num_layers=16", "model.num_heads=16", "model.num_kv_heads=4", "model.head_dim=128",
         "model.intermediate_size=8192", "model.max_seq_len=1024", "model.dtype=bfloat16",
         "model.param_dtype=float32", "data.seq_len=1024", "data.batch_size=8", "train.warmup_steps=10")
-    train_steps: int = 6
+    train_steps: int = 10
 
 
 _TINY = ("model.vocab_size=512", "model.sample_vocab_size=500", "model.eos_token_id=1", "model.pad_token_id=1",
@@ -124,6 +123,10 @@ class Recorder(dict):
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text(json.dumps(self, indent=1, default=str))
         os.replace(tmp, self.path)
+
+
+def _say(msg: str) -> None:
+    print(f"[accelerator_bench] {msg}", flush=True)
 
 
 def _left(deadline: float) -> float:
@@ -272,6 +275,8 @@ def cost_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
     # least 40% of the section's time for the timings; whatever compiled by then is timed, in priority order.
     cf.wait(futs, timeout=max(0.0, start + 0.6 * (deadline - start) - time.time()))
     rec["compile_wall_s"] = time.time() - start
+    _say(f"cost: {sum(f.done() for f in futs)} of {len(futs)} shapes compiled after {rec['compile_wall_s']:.0f} s "
+         f"({workers} compile threads); timing")
     pending_at_timing = sum(not f.done() for f in futs)
     rec["compiles_running_during_timing"] = pending_at_timing
     done = [False] * len(objs)
@@ -293,6 +298,8 @@ def cost_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
             except Exception as e:  # noqa: BLE001 - one shape failing (e.g. out of memory) is recorded
                 row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             last = time.time() - t1
+            _say(f"cost: {p['model']} batch {p['batch']} Q={p['queries']} cache {p['cache_len']}: "
+                 + (f"{row['ms']:.3f} ms (compiled in {row['compile_s']:.1f} s)" if "ms" in row else row["error"]))
             rec["points"].append(row)
             rec.save()
         if all(done) or _left(deadline) < 2 * last + 1.0:
@@ -355,7 +362,8 @@ def e2e_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
 
     rec["hardware"] = hardware()
     methods = list(sz.methods)
-    auto = "auto" in getattr(decode, "METHODS", ()) and "auto" in getattr(bm, "JAX_METHODS", ())
+    # `auto` runs where the decode kernel has it and the benchmark times it as one of its own methods
+    auto = "auto" in getattr(decode, "METHODS", ()) and "auto" in getattr(bm, "JAX_METHODS", ("auto",))
     if auto:
         methods.append("auto")
     rec["auto_available"] = auto
@@ -380,6 +388,7 @@ def e2e_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
             t0 = time.time()
             res = bm.run(dataclasses.replace(cfg, temperatures=(temp,)), work / f"T{temp:g}")
             last = time.time() - t0
+            _say(f"e2e: temperature {temp:g} done in {last:.0f} s")
             rec["rows"] += [{k: r.get(k) for k in KEEP_ROW} for r in res["rows"]]
             rec["runs"].append({"temperature": temp, "wall_s": last, "notes": res.get("notes", []),
                                 "prompts": res.get("prompts")})
@@ -424,6 +433,7 @@ def train_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
     state, metrics = prog.train_step(state, batch, None)
     jax.block_until_ready(metrics)
     rec["compile_s"] = time.time() - t0  # compile + first step
+    _say(f"train: compiled + first step in {rec['compile_s']:.1f} s")
     rec["step_s"] = []
     rec.save()
     for _ in range(sz.train_steps):
@@ -619,6 +629,15 @@ def render_markdown(res: dict, plots: list[str]) -> str:
     return "\n".join(parts)
 
 
+def _save(fig, path: Path, made: list[str]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    made.append(path.name)
+
+
 def write_plots(out: Path, res: dict) -> list[str]:
     import matplotlib
 
@@ -644,10 +663,7 @@ def write_plots(out: Path, res: dict) -> list[str]:
         a2.set_ylabel("cost relative to Q=1")
         a2.axvline(17, color="grey", lw=0.6, ls=":")
         fig.suptitle(f"verifier forward against a {cost.get('models', {}).get('cache_len')}-token cache")
-        fig.tight_layout()
-        fig.savefig(out / "cost_curve.png", dpi=110)
-        plt.close(fig)
-        made.append("cost_curve.png")
+        _save(fig, out / "cost_curve.png", made)
     preds = res.get("predictions", [])
     if preds:
         fig, ax = plt.subplots(figsize=(6.5, 4))
@@ -659,10 +675,7 @@ def write_plots(out: Path, res: dict) -> list[str]:
         ax.set_xlabel("tau (tokens per verifier call)")
         ax.set_ylabel("predicted speed-up over ar")
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(out / "speedup_vs_tau.png", dpi=110)
-        plt.close(fig)
-        made.append("speedup_vs_tau.png")
+        _save(fig, out / "speedup_vs_tau.png", made)
     rows = [r for r in res["sections"].get("e2e", {}).get("rows", []) if r.get("speedup_vs_ar") is not None]
     if rows:
         temps = sorted({r["temperature"] for r in rows})
@@ -674,10 +687,7 @@ def write_plots(out: Path, res: dict) -> list[str]:
             ax.axhline(1.0, color="k", lw=0.8)
             ax.set_title(f"temperature {t:g}")
             ax.set_ylabel("decode speed-up over ar")
-        fig.tight_layout()
-        fig.savefig(out / "e2e_speedup.png", dpi=110)
-        plt.close(fig)
-        made.append("e2e_speedup.png")
+        _save(fig, out / "e2e_speedup.png", made)
     return made
 
 
@@ -788,10 +798,9 @@ def main(argv=None) -> int:
         left = t0 + budget - time.time()
         share = WEIGHTS[name] / sum(WEIGHTS[s] for s in sections[i:])
         deadline = time.time() + max(5.0, left * share)
-        print(f"[accelerator_bench] section {name}: {max(5.0, left * share):.0f} s", flush=True)
+        _say(f"section {name}: {max(5.0, left * share):.0f} s")
         res["sections"][name] = run_section(name, out, size, deadline, args.inline)
-        print(f"[accelerator_bench] section {name}: {res['sections'][name]['status']} "
-              f"({res['sections'][name]['wall_s']:.0f} s)", flush=True)
+        _say(f"section {name}: {res['sections'][name]['status']} ({res['sections'][name]['wall_s']:.0f} s)")
         _write(out, res)
     print(summary(res))
     print(f"results in {out}/ (results.json, results.md, plots)")
@@ -815,9 +824,9 @@ def summary(res: dict) -> str:
         if r:
             lines.append(f"verifier Q=17/Q=1 cost ratio, batch {b}: {r:.2f}")
     for p in res.get("predictions", []):
-        best = max(p["speedup"].values()) if p["speedup"] else math.nan
-        lines.append(f"predicted b{p['batch']} {p['drafter']} gamma={p['gamma']}: break-even tau "
-                     f"{p['break_even_tau']:.2f}, speed-up {best:.2f} at tau={max(p['speedup'], key=float)}")
+        at = ", ".join(f"{p['speedup'][t]:.2f}x at tau={t}" for t in ("2", "4", "8") if t in p["speedup"])
+        lines.append(f"predicted b{p['batch']} {p['drafter']} gamma={p['gamma']}: t_v(gamma+1)/t_v(1) "
+                     f"{p['verify_cost_ratio']:.2f}, break-even tau {p['break_even_tau']:.2f}; {at}")
     for r in secs.get("e2e", {}).get("rows", []):
         lines.append(f"e2e {r['method']} T={r['temperature']:g}: {r['tokens_per_s']:.1f} tok/s, "
                      f"{_fmt(r.get('speedup_vs_ar'))}x ar, {_fmt(r.get('tokens_per_verifier_call'))} tok/call, "
