@@ -237,8 +237,6 @@ def cost_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
     rec["compile_wall_s"] = time.time() - start
     _say(f"cost: {sum(f.done() for f in futs)} of {len(futs)} shapes compiled after {rec['compile_wall_s']:.0f} s "
          f"({workers} compile threads); timing")
-    pending_at_timing = sum(not f.done() for f in futs)
-    rec["compiles_running_during_timing"] = pending_at_timing
     done = [False] * len(objs)
     last = 1.0
     while not all(done):
@@ -249,7 +247,7 @@ def cost_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
             if _left(deadline) < 2 * last + 1.0:
                 break
             done[i] = progressed = True
-            row = {**p, "reps": o.reps}
+            row = {**p, "reps": o.reps, "compiles_running": sum(g.running() for g in futs)}  # may disturb it
             t1 = time.time()
             try:
                 f.result()
@@ -506,7 +504,8 @@ def render_markdown(res: dict, plots: list[str]) -> str:
         v, d = mdl.get("verifier", {}), mdl.get("drafter", {})
         same = "the verifier's shapes, timed with its weights" if d.get("same_shapes_as_verifier") else "own shapes"
         parts += ["## Cost of one forward (random weights, bf16)", "",
-                  f"Verifier {v.get('config')} ({_count(v.get('params'))} parameters); drafter "
+                  f"Verifier {v.get('config')}{' shrunk to the smoke size' if res['smoke'] else ''} "
+                  f"({_count(v.get('params'))} parameters); drafter "
                   f"{', '.join(d.get('configs', []))} ({same}). Queries attend to a {mdl.get('cache_len')}-token KV "
                   "cache (cache none: a bidirectional drafter re-encoding its window); each time is the median of "
                   "timed jitted fori_loops of back-to-back forwards; role: what the shape stands for in the "
@@ -527,7 +526,7 @@ def render_markdown(res: dict, plots: list[str]) -> str:
                          "cache": p["cache_len"] or "none", "role": role or "-"})
         rows.sort(key=lambda r: (r["model"], r["batch"], r["cache_len"] == 0, r["queries"]))
         parts += [_table(rows, ("model", "batch", "queries", "cache", "ms", "vs_Q1", "role", "compile_s", "reps",
-                                "error")), ""]
+                                "compiles_running", "error")), ""]
         if cost.get("skipped"):
             parts += [f"Not timed (time budget): {len(cost['skipped'])} shapes: "
                       + ", ".join(f"b{p['batch']} Q={p['queries']}" for p in cost["skipped"]), ""]
