@@ -85,8 +85,9 @@ _TINY = ("model.vocab_size=512", "model.sample_vocab_size=500", "model.eos_token
          "model.hidden_size=64", "model.num_layers=1", "model.num_heads=4", "model.num_kv_heads=2",
          "model.head_dim=16", "model.intermediate_size=128", "model.max_seq_len=256")
 FULL = Sizes()
-SMOKE = Sizes(model_overrides=_TINY + ("data.seq_len=64",), queries=(1, 17), batches=(1,), cache_len=64, blocks=(16,), draft_window=16,
-              reps=2, repeats=2, compile_workers=2, ceiling_n=256, copy_mb=4, taus=(1, 2, 4, 8),
+SMOKE = Sizes(model_overrides=_TINY + ("data.seq_len=64",), queries=(1, 17), batches=(1,), cache_len=64,
+              blocks=(16,), draft_window=16, reps=2, repeats=2, compile_workers=2, ceiling_n=256, copy_mb=4,
+              taus=(1, 2, 4, 8),
               bench_overrides=("repeats=1", "max_new_tokens=8", "max_prompt_tokens=32", "specdiff2_gamma=4",
                                "specdiff2_num_drafts=2"), methods=("ar", "specdiff2"), prompts=1,
               temperatures=(0.0,), smoke_models=True,
