@@ -24,11 +24,10 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from specdiff_jax.cache import KVCache
+from specdiff_jax.timing import time_forward
 
 VERIFIER_QS = (1, 2, 3, 5, 9, 17, 33, 65)
 DRAFTER_QS = (2, 3, 5, 9, 17, 33)
@@ -66,40 +65,6 @@ def device_kind() -> str:
 
 def ctx_bucket(n: int) -> int:
     return max(64, 1 << (max(n, 1) - 1).bit_length())
-
-
-def time_forward(model, batch: int, queries: int, cache_cap: int, cache_len: int, reps: int = 16) -> float:
-    """Seconds per model.forward of `queries` tokens against a cache (cache_cap 0 = none), as inside the kernel.
-
-    The forwards run back to back in one jitted fori_loop (each feeding the next), so per-call dispatch overhead,
-    which the fused decode loop does not pay, is amortised away. Median of 3 timings.
-    """
-    g, st = nnx.split(model)
-    cfg = model.cfg
-    mask = jnp.ones((1, queries, queries), bool)
-
-    @jax.jit
-    def f(st, toks, pos, cache):
-        m = nnx.merge(g, st)
-
-        def body(_, t):
-            logits = m.forward(t, pos, mask, cache)[0]
-            return jnp.argmax(logits, axis=-1).astype(jnp.int32) % cfg.vocab_size
-
-        return jax.lax.fori_loop(0, reps, body, toks)
-
-    toks = jnp.zeros((batch, queries), jnp.int32)
-    pos = cache_len + jnp.broadcast_to(jnp.arange(queries, dtype=jnp.int32), (batch, queries))
-    cache = None
-    if cache_cap:
-        cache = KVCache.init(cfg, batch, cache_cap).with_lengths(jnp.full((batch,), cache_len, jnp.int32))
-    f(st, toks, pos, cache).block_until_ready()
-    ts = []
-    for _ in range(3):
-        t0 = time.perf_counter()
-        f(st, toks, pos, cache).block_until_ready()
-        ts.append((time.perf_counter() - t0) / reps)
-    return statistics.median(ts)
 
 
 def _interp(qs, ms, q: float) -> float:
