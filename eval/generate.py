@@ -3,6 +3,7 @@
     python -m eval.generate --verifier PATH [--drafter PATH] --method specdiff2 --prompt "def add(a, b):" \
         --tokenizer assets/tiny --gamma 16 --num-drafts 4 --max-new-tokens 64
     python -m eval.generate --verifier PATH --method ar --prompt-ids 1,2,3
+    python -m eval.generate --verifier PATH --drafter A --drafter B --method auto --prompt "def add(a, b):"
 
 Model paths are our model directories or Hugging Face directories (`load_pretrained`). Prompt text needs a
 tokenizer (--tokenizer, default: the verifier directory if it holds one). Bad input exits with status 2 and a
@@ -26,8 +27,13 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m eval.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--verifier", required=True, help="verifier model directory (ours or Hugging Face)")
-    ap.add_argument("--drafter", help="drafter model directory (needed by sps, specdiff, specdiff2)")
-    ap.add_argument("--method", required=True, choices=["ar", "sps", "specdiff", "specdiff2"])
+    ap.add_argument("--drafter", action="append", help="drafter model directory (needed by sps, specdiff, "
+                    "specdiff2); --method auto takes it several times and picks one")
+    ap.add_argument("--method", required=True, choices=["ar", "sps", "specdiff", "specdiff2", "auto"],
+                    help="auto: the method and settings with the highest predicted tokens/s on this machine "
+                    "(measures a cost model and the drafters' acceptance on the prompt, cached on disk)")
+    ap.add_argument("--adaptive-gamma", action="store_true", help="rounds choose among gamma/4, gamma/2, gamma "
+                    "from the acceptance seen so far (lossless)")
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompt", help="prompt text (encoded with --tokenizer)")
     src.add_argument("--prompt-ids", help="comma-separated prompt token ids, e.g. 1,2,3")
@@ -69,10 +75,12 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers, e.g. 1,2,3")
         if not ids:
             _fail("--prompt-ids is empty: give at least one token id")
-    if args.drafter is None and args.method != "ar":
+    if args.drafter is None and args.method not in ("ar", "auto"):
         _fail(f"--method {args.method} needs --drafter PATH (only --method ar runs without a drafter)")
-    for flag, path in (("--verifier", args.verifier), ("--drafter", args.drafter)):
-        if path is not None and not Path(path).exists():
+    if args.drafter and len(args.drafter) > 1 and args.method != "auto":
+        _fail(f"--method {args.method} takes one --drafter (several are for --method auto)")
+    for flag, path in [("--verifier", args.verifier)] + [("--drafter", d) for d in args.drafter or []]:
+        if not Path(path).exists():
             _fail(f"{flag} {path!r} does not exist")
 
     try:
@@ -92,12 +100,14 @@ def main(argv: list[str] | None = None) -> int:
             if not ids:
                 _fail("--prompt encodes to no tokens; give a non-empty prompt")
         verifier = load_pretrained(args.verifier, dtype=args.dtype)
-        drafter = load_pretrained(args.drafter, dtype=args.dtype) if args.drafter else None
+        drafters = [load_pretrained(d, dtype=args.dtype) for d in args.drafter or []]
+        drafter = drafters if args.method == "auto" else (drafters[0] if drafters else None)
         dec = decode.Decoder(
             verifier, drafter, method=args.method, max_new_tokens=args.max_new_tokens,
             temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, gamma=args.gamma,
             num_drafts=args.num_drafts, denoise_steps=args.denoise_steps,
-            draft_temperature=args.draft_temperature, acceptance=args.acceptance, eos_id=args.eos_id)
+            draft_temperature=args.draft_temperature, acceptance=args.acceptance, eos_id=args.eos_id,
+            adaptive_gamma=args.adaptive_gamma)
         t0 = time.perf_counter()
         out = dec([ids], seed=args.seed)  # first call includes compilation
         t1 = time.perf_counter()
@@ -116,7 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     print(text if text is not None else " ".join(map(str, gen)))
     print("---")
-    for k in ("method", "acceptance", "tokens", "verifier_calls", "drafter_calls", "tokens_per_verifier_call",
+    if "plan" in st:
+        pl = st["plan"]
+        print(f"auto chose: {pl['method']} gamma {pl['gamma']} K {pl['num_drafts']} draft T "
+              f"{pl['draft_temperature']} {pl['acceptance']} (predicted {pl['predicted_tokens_per_s']:.0f} tokens/s)")
+    for k in ("method", "acceptance", "gamma", "tokens", "verifier_calls", "drafter_calls", "tokens_per_verifier_call",
               "mean_accepted", "accepted_hist", "alpha", "run_s", "tokens_per_s", "compile_and_run_s"):
         v = st[k]
         if isinstance(v, float):

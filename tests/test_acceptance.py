@@ -261,6 +261,12 @@ CASES = {
     "specdiff2_selection_delta": dict(method="specdiff2", gamma=2, num_drafts=3, acceptance="delta",
                                       draft_temperature=2.0),
     "sps_pq_filtered": dict(method="sps", gamma=2, acceptance="pq", temperature=0.8, top_k=4, top_p=0.9),
+    # the other settings the auto planner may choose at temperature > 0
+    "specdiff2_one_draft_pq": dict(method="specdiff2", gamma=2, acceptance="auto", draft_temperature=1.0),
+    "specdiff2_multi_draft": dict(method="specdiff2", gamma=2, num_drafts=3, acceptance="auto",
+                                  draft_temperature=1.0),
+    "specdiff2_adaptive_gamma_delta": dict(method="specdiff2", gamma=2, num_drafts=2, acceptance="delta",
+                                           adaptive_gamma=[1, 2], draft_temperature=1.0),
 }
 
 

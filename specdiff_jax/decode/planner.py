@@ -38,7 +38,7 @@ class Plan:
     source: str = ""
 
     def describe(self) -> dict:
-        s = self.settings
+        s = self.settings if self.method != "ar" else {}
         return {"method": self.method, "gamma": s.get("gamma"), "num_drafts": s.get("num_drafts"),
                 "draft_temperature": s.get("draft_temperature"), "acceptance": s.get("acceptance"),
                 "adaptive_gamma": list(s.get("adaptive_gamma") or []),
