@@ -1,4 +1,5 @@
-"""Acceptance of calibrated drafters: alpha_j by draft position (the paper's Figure 2) and tokens per verifier call.
+"""Acceptance of calibrated drafters: alpha_j by draft position (the paper's Figure 2) and tokens per verifier
+call (docs/METHOD.md §7).
 
     python -m eval.calibration_report [--out reports/calibration] [--drafter NAME=DIR ...] [--prompts 16]
 

@@ -1,4 +1,4 @@
-"""Train-time alignment of a diffusion drafter to its verifier (SPEC.md section 6): losses, windows, evaluation.
+"""Train-time alignment of a diffusion drafter to its verifier (docs/METHOD.md §6): losses, windows, evaluation.
 
 Data: sequences `[prompt ; y]` where y is a completion sampled from the verifier (see train/generate_data.py).
 A calibration batch is {"tokens": int32[B, L], "segment_ids": int32[B, L]} with segment id 1 on the prompt,

@@ -2,7 +2,7 @@
 
 Pre-RMSNorm blocks, rotary position embeddings, grouped-query attention, SwiGLU MLP, optional q/k/v bias
 (Qwen2: yes, LLaMA: no) and optional tied embeddings. The attention layout is a config switch
-(`causal`, `bidirectional`, `block_causal`); there is one implementation for all of them.
+(`causal`, `bidirectional`, `block_causal`, docs/METHOD.md §2); there is one implementation for all of them.
 
 Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `norm`) that
 `specdiff_jax.sharding` maps to mesh axes.

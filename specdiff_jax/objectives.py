@@ -5,7 +5,7 @@ a change of segment id marks a document boundary.
 
 - `ar`: next-token cross-entropy (verifiers, AR drafters). With document masking, attention and rotary positions
   restart at each document, so a packed row trains exactly like separate documents each decoded from position 0.
-- `mdlm`: masked diffusion for block_causal drafters (SPEC.md section 6, MD4/MDLM with the linear schedule).
+- `mdlm`: masked diffusion for block_causal drafters (docs/METHOD.md §6, MD4/MDLM with the linear schedule).
   Each row is cut into blocks of `cfg.block_size` at a random per-row offset; each block gets its own masking
   rate t (stratified over all blocks of the batch), each of its tokens is replaced by [MASK] with probability t,
   and the loss is the cross-entropy on masked tokens weighted 1/t, per token of the batch (an upper bound on the

@@ -66,9 +66,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
     """A Mesh over `devices` (default: all) with axes (data, fsdp, tensor) in Auto mode.
 
-    Built directly with `Mesh(...)`: jax 0.10's `make_mesh` defaults to Explicit axes (see STACK.md). With DCN
-    sizes > 1 the device grid is jax's hybrid (slice-aware) layout; on TPU the ICI grid follows the physical
-    topology; elsewhere devices are laid out in `jax.devices()` order (process by process).
+    Built directly with `Mesh(...)`: jax 0.10's `make_mesh` defaults to Explicit axes, which our code does not
+    use. With DCN sizes > 1 the device grid is jax's hybrid (slice-aware) layout; on TPU the ICI grid follows the
+    physical topology; elsewhere devices are laid out in `jax.devices()` order (process by process).
     """
     from jax.experimental import mesh_utils
 

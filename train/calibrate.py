@@ -1,4 +1,4 @@
-"""Calibrate (align) a block-causal diffusion drafter to its verifier on verifier-generated data (SPEC.md section 6).
+"""Calibrate (align) a block-causal diffusion drafter to its verifier on verifier-generated data (docs/METHOD.md §6).
 
     python -m train.calibrate --config configs/calibrate/tiny.yaml --workdir runs/drafter_streak loss=streak
     python -m train.calibrate --config configs/calibrate/tiny.yaml --workdir runs/drafter_kd_window loss=kd_window

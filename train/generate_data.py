@@ -1,4 +1,5 @@
-"""Sample calibration data from the verifier: completions of corpus-train prompts, written as a TFDS dataset.
+"""Sample calibration data from the verifier: completions of corpus-train prompts, written as a TFDS
+dataset (docs/METHOD.md §6).
 
     python -m train.generate_data --config configs/calibrate/generate_tiny.yaml [key=value ...]
 

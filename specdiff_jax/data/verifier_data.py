@@ -1,4 +1,4 @@
-"""Verifier-generated completions for calibration (SPEC.md section 6): prompts, the disjointness check, the TFDS
+"""Verifier-generated completions for calibration (docs/METHOD.md §6): prompts, the disjointness check, the TFDS
 array_record dataset and the grain pipeline that feeds `[prompt ; completion]` rows to the training loop.
 
 Prompts are snippets cut from the corpus *train* split: a random file, a random line start, the next
