@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -15,6 +16,7 @@ from specdiff_jax import calibration as C
 from specdiff_jax.checkpoint import fill_model
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.model import Transformer, layout_mask
+from tests.conftest import tiny_config
 
 MASK = 3
 
@@ -127,11 +129,8 @@ def test_acceptance_stats():
 # windows: exactly the inference computation
 # ------------------------------------------------------------------------------------------------------
 V = 64
-DCFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                   intermediate_size=64, max_seq_len=64, attention="block_causal", mask_token_id=MASK, block_size=4,
-                   eos_token_id=2, pad_token_id=0)
-VCFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                   intermediate_size=64, max_seq_len=64, eos_token_id=2, pad_token_id=0)
+VCFG = tiny_config(vocab_size=V, num_layers=2, eos_token_id=2, pad_token_id=0)
+DCFG = dataclasses.replace(VCFG, attention="block_causal", mask_token_id=MASK, block_size=4)
 
 
 def tiny(cfg: ModelConfig, seed: int, std: float = 0.1) -> Transformer:

@@ -16,7 +16,7 @@ from specdiff_jax import lora
 from specdiff_jax.config import ConfigError
 from specdiff_jax.configs import load_config
 from specdiff_jax.training import Hooks, TrainingError, restore_checkpoint, train
-from tests.test_training import dataset, make_rows, ov, val_batches
+from tests.conftest import dataset, make_rows, ov, val_batches
 
 RANK, ALPHA = 2, 4.0
 

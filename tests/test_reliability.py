@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 from specdiff_jax.checkpoint import save_pretrained
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.model import Transformer
+from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = bytes(range(256)) * 4  # not UTF-8: 0x80.. bytes, NUL, ...
@@ -38,8 +39,7 @@ def w(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     texts = [f.read_text(encoding="utf-8") for f in sorted(Path(json.__file__).parent.glob("*.py"))]
     tok = train_tokenizer(texts, tmp / "tok", vocab_size=512)
-    base = dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                intermediate_size=64, max_seq_len=64, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    base = {**TINY_MODEL, "vocab_size": 512, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     models = {
         "verifier": ModelConfig(**base),
         "drafter": ModelConfig(**base, attention="block_causal", mask_token_id=tok.mask_id, block_size=4),
