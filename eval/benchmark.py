@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from specdiff_jax.configs import _plain
+from specdiff_jax.config.run import _plain
 
 JAX_METHODS = ("ar", "sps", "specdiff", "specdiff2")
 HF_METHODS = ("hf_generate", "hf_assisted")
@@ -80,7 +80,7 @@ class BenchConfig:
 
 def load_bench_config(path: str | None, overrides: list[str]) -> BenchConfig:
     """YAML file (or defaults) + `key=value` overrides, validated; unknown keys name the closest valid ones."""
-    from specdiff_jax.configs import parse_overrides
+    from specdiff_jax.config.run import parse_overrides
 
     fields = {f.name: f for f in dataclasses.fields(BenchConfig)}
     raw: dict[str, Any] = {}
@@ -191,7 +191,7 @@ def preflight(jobs: list, models: dict, prompts: list[dict], sweep_prompts: list
 
 
 def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
 
     notes = []
     if not Path(cfg.verifier).exists():

@@ -543,7 +543,7 @@ class Decoder:
         self._placement = None
         if mesh is not None:  # parameters sharded by their logical axes; kernels jitted with in/out shardings
             from specdiff_jax import sharding as shd
-            from specdiff_jax.configs import DEFAULT_AXIS_RULES
+            from specdiff_jax.sharding import DEFAULT_AXIS_RULES
 
             rules = tuple(rules) if rules is not None else DEFAULT_AXIS_RULES
             self._placement = (mesh, rules)

@@ -26,6 +26,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from specdiff_jax.config import ConfigError
 
+# MaxText-style logical axis rules: logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, Any]]
 

@@ -124,7 +124,7 @@ def test_sample_prompts_skips_planted_overlaps():
     tok = load_tokenizer(ROOT / "assets" / "tiny")
     files = [{"text": "\n".join(f"value_{i}_{k} = compute({i}, {k})" for k in range(30)), "path": f"f{i}.py"}
              for i in range(6)]
-    evals = vd.EvalSet([(f"planted {i}", vd._normalise(files[i]["text"])) for i in (0, 2, 4)], [])
+    evals = vd.EvalSet([(f"planted {i}", vd.corpus.normalise(files[i]["text"])) for i in (0, 2, 4)], [])
     prompts, counts = vd.sample_prompts(files, tok, evals, num_prompts=20, prompt_tokens=12, seed=3)
     assert counts["skipped_overlap"] > 0
     assert {p.source for p in prompts} <= {"f1.py", "f3.py", "f5.py"}

@@ -145,7 +145,7 @@ def test_pretrain_bad_input(w, capsys):
     assert "binary.bin' is not UTF-8 text" in line
     assert not wd.exists()
     # a tokenizer with more ids than the model's vocabulary
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
 
     cfg = load_config(None, [f"data.tokenizer={w['tok']}", "model.vocab_size=256", "data.seq_len=32",
                              "model.max_seq_len=64"])
@@ -164,7 +164,7 @@ def test_pretrain_bad_input(w, capsys):
     ("missing", "does not exist; set generate.verifier"),
     ("truncated", "truncated or corrupted"),
     ("binary_config", "model_config.json' is not UTF-8 JSON"),
-    ("not_causal", "is a block_causal model; the verifier must be causal"),
+    ("not_causal", "is a block_causal model; the verifier must be a causal LM"),
     ("small_vocab", "the tokenizer has 512 ids but the verifier"),
     ("capacity", "generate.prompt_tokens + generate.max_new_tokens = 80 exceeds the verifier's max_seq_len=64"),
     ("temperature", "generate.temperature=-1.0 is invalid: must be >= 0"),
@@ -232,7 +232,7 @@ def test_generate_data_prompts_file_bad_input(w, tmp_path):
     ("init_truncated", "truncated or corrupted"),
     ("init_causal", "calibration needs a block_causal diffusion drafter"),
     ("verifier_missing", "does not exist; set it to the verifier's model directory"),
-    ("verifier_not_causal", "is block_causal; the verifier must be a causal LM"),
+    ("verifier_not_causal", "is a block_causal model; the verifier must be a causal LM"),
     ("verifier_vocab", "drafter/verifier vocabulary mismatch: the drafter samples 512 ids, the verifier 600"),
     ("data_missing", "no verifier-completions dataset under"),
     ("capacity", "the generated rows have 100 tokens but the drafter's max_seq_len is 64"),

@@ -21,12 +21,12 @@ from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from specdiff_jax import objectives
 from specdiff_jax.config import ConfigError
-from specdiff_jax.configs import MeshConfig, load_config
+from specdiff_jax.config.run import MeshConfig, load_config
 from specdiff_jax.model import Transformer
 from specdiff_jax.sharding import logical_to_spec, mesh_shape
 from specdiff_jax.training import Hooks, TrainingDiverged, TrainingError, restore_checkpoint, train
-from tests.conftest import (B, DRAFTER, L, MASK, POISON, TINY, TINY_MODEL, V, dataset, make_rows, ov, records, tiny_config,
-                            val_batches)
+from tests.conftest import (B, DRAFTER, L, MASK, POISON, TINY, TINY_MODEL, dataset, make_rows, ov, records,
+                            tiny_config, val_batches)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -89,7 +89,7 @@ def test_outputs_of_a_run(resumed):
     # the resolved config round-trips
     assert load_config(full_dir / "config.yaml") == cfg
     # the export loads and equals the final parameters
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
 
     m = load_pretrained(full_dir / "export")
     assert m.cfg == cfg.model
@@ -131,7 +131,7 @@ _CHILD = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     import test_training as t
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
     from specdiff_jax.training import train
     assert jax.device_count() == 8
     cfg = load_config(None, t.ov("train.steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
@@ -332,7 +332,7 @@ def test_ar_document_masking_equals_separate_documents():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    from specdiff_jax.configs import TrainConfig
+    from specdiff_jax.config.run import TrainConfig
     from specdiff_jax.training import lr_schedule, make_optimizer, make_train_step
 
     cfg = _drafter_cfg(attention="causal", mask_token_id=None)
@@ -341,8 +341,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tc = TrainConfig(steps=10, warmup_steps=0, lr=1e-2)
     tx = make_optimizer(tc)
-    step = jax.jit(make_train_step(g, functools.partial(objectives.ar_loss, document_masking=True), tx,
-                                   lr_schedule(tc)))
+    ar = objectives.Objective("ar", functools.partial(objectives.ar_loss, document_masking=True))
+    step = jax.jit(make_train_step(g, ar, tx, lr_schedule(tc)))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
     toks, seg = make_rows(4)  # every row has the same number of targets: the mean of means is the mean
     toks = toks % 64
@@ -405,7 +405,7 @@ def test_cli_bad_input_exits_2_with_one_line(argv, expected, tmp_path, capsys, m
 
 def test_cli_trains_a_drafter_end_to_end_on_a_fresh_corpus(tmp_path, capsys, monkeypatch):
     """Corpus prepared on first use, real tokenizer and Grain pipeline, mdlm objective, export."""
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
     from train.pretrain import main
 
     src = tmp_path / "src"
