@@ -135,7 +135,7 @@ def hardware() -> dict:
 
 
 def _model_config(path: str, overrides: tuple[str, ...]):
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
 
     cfg = load_config(path).model
     if overrides and cfg.mask_token_id is not None:  # a shrunk drafter keeps a [MASK] id inside its vocabulary
@@ -364,7 +364,7 @@ def train_section(rec: Recorder, sz: Sizes, deadline: float) -> None:
 
     from specdiff_jax import sharding as shd
     from specdiff_jax import training
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
     from specdiff_jax.timing import train_flops_per_token
 
     hw = rec["hardware"] = hardware()

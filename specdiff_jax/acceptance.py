@@ -1,4 +1,4 @@
-"""Lossless acceptance rules and self-selection, as small pure functions (SPEC §4-§5).
+"""Lossless acceptance rules and self-selection, as small pure functions (docs/METHOD.md §4-§5).
 
 Shapes: B rows, gamma = G draft tokens, V vocabulary.
   p: float32[B, G+1, V]  verifier distributions p_1..p_{G+1} (already filtered, `sampling.probs`)

@@ -6,13 +6,15 @@ A model directory holds
   metadata.json      optional free-form dict (training step, provenance, ...)
 plus, when converted from HF, the tokenizer files of the source.
 
-`load_pretrained` also takes a Hugging Face directory (config.json + *.safetensors) and converts it on the fly
-(`specdiff_jax.convert`). Restoring goes through an abstract model (`nnx.eval_shape`), so parameters are
-allocated once, by the restore itself: a 7B checkpoint does not need twice its memory.
+This module knows nothing of other formats: `specdiff_jax.hf_checkpoint` (Hugging Face) sits above it, and
+`specdiff_jax.load_pretrained` takes either kind of directory. Restoring goes through an abstract model
+(`nnx.eval_shape`), so parameters are allocated once, by the restore itself: a 7B checkpoint does not need twice
+its memory.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -22,7 +24,7 @@ from flax import nnx
 from flax.nnx import traversals
 
 from specdiff_jax.config import ModelConfig
-from specdiff_jax.model import Transformer
+from specdiff_jax.model import Transformer, abstract_model
 
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
@@ -41,24 +43,22 @@ def _path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
-def _check_exists(path: Path) -> None:
+def check_exists(path: Path) -> None:
+    """CheckpointNotFoundError naming `path` when it does not exist."""
     if not path.exists():
         raise CheckpointNotFoundError(f"checkpoint path {str(path)!r} does not exist; check the path")
+
+
+def check_model_path(path: Path) -> None:
+    """A model path must exist and be a directory; the error names the path and the fix."""
+    check_exists(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint path {str(path)!r} is a file; pass the model directory that holds it")
 
 
 def is_model_dir(path: str | Path) -> bool:
     p = Path(path)
     return (p / CONFIG_FILE).is_file() and (p / PARAMS_DIR).is_dir()
-
-
-def is_hf_dir(path: str | Path) -> bool:
-    p = Path(path)
-    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
-
-
-def abstract_model(cfg: ModelConfig) -> Transformer:
-    """A Transformer whose parameters are jax.ShapeDtypeStruct (nothing allocated)."""
-    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))
 
 
 def fill_model(cfg: ModelConfig, params: dict) -> Transformer:
@@ -125,7 +125,7 @@ def load_params(path: str | Path, abstract_state: Any) -> Any:
     # Orbax 0.12 cannot read the item metadata of a checkpoint named by a relative path: always absolute.
     path = Path(path).absolute()
     params_dir = path / PARAMS_DIR if (path / PARAMS_DIR).is_dir() else path
-    _check_exists(params_dir)
+    check_exists(params_dir)
     is_state = isinstance(abstract_state, nnx.State)
     pure = nnx.to_pure_dict(abstract_state) if is_state else abstract_state
 
@@ -173,38 +173,24 @@ def load_params(path: str | Path, abstract_state: Any) -> Any:
 
 
 def _with_dtype(cfg: ModelConfig, dtype: str | None) -> ModelConfig:
-    if dtype is None:
-        return cfg
-    import dataclasses
-
-    return dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
+    return cfg if dtype is None else dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
 
 
-def load_pretrained(path: str | Path, *, dtype: str | None = None) -> Transformer:
-    """Load one of our model directories or a Hugging Face directory (config.json + *.safetensors).
+def load_model_dir(path: str | Path, *, dtype: str | None = None) -> Transformer:
+    """Load one of our model directories (model_config.json + params/).
 
     dtype: "float32" or "bfloat16" overrides both the compute and parameter dtype of the stored config.
     Returns a Transformer ready for `m(tokens: int32[B, L]) -> float32[B, L, V]` and for `nnx.split`.
     """
     path = Path(path)
-    _check_exists(path)
-    if not path.is_dir():
-        raise CheckpointError(f"checkpoint path {str(path)!r} is a file; pass the model directory that holds it")
-    if is_model_dir(path):
-        cfg = _with_dtype(ModelConfig.load(path / CONFIG_FILE), dtype)
-        graphdef, abstract = nnx.split(abstract_model(cfg))
-        state = load_params(path, abstract)  # orbax casts to the target dtype while restoring
-        return nnx.merge(graphdef, state)
-    if (path / "config.json").is_file():
-        from specdiff_jax import convert
-
-        return convert.load_hf(path, dtype=dtype)
-    if (path / CONFIG_FILE).is_file():
-        raise CheckpointError(
-            f"{str(path)!r} has {CONFIG_FILE} but no {PARAMS_DIR}/ directory: the checkpoint is incomplete"
-        )
-    raise CheckpointError(
-        f"{str(path)!r} is neither a specdiff-jax model directory ({CONFIG_FILE} + {PARAMS_DIR}/) nor a Hugging "
-        "Face checkpoint (config.json + *.safetensors)"
-    )
-
+    check_model_path(path)
+    if not is_model_dir(path):
+        if (path / CONFIG_FILE).is_file():
+            raise CheckpointError(
+                f"{str(path)!r} has {CONFIG_FILE} but no {PARAMS_DIR}/ directory: the checkpoint is incomplete"
+            )
+        raise CheckpointError(f"{str(path)!r} is not a specdiff-jax model directory ({CONFIG_FILE} + {PARAMS_DIR}/)")
+    cfg = _with_dtype(ModelConfig.load(path / CONFIG_FILE), dtype)
+    graphdef, abstract = nnx.split(abstract_model(cfg))
+    state = load_params(path, abstract)  # orbax casts to the target dtype while restoring
+    return nnx.merge(graphdef, state)

@@ -25,15 +25,19 @@ import math
 import re
 import sys
 from pathlib import Path
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from specdiff_jax import sharding as shd
+from specdiff_jax import training
+from specdiff_jax.cache import KVCache
+from specdiff_jax.calibration import check_drafter
 from specdiff_jax.config import ConfigError, ModelConfig
-from specdiff_jax.configs import CONFIGS_DIR, Config, load_config
+from specdiff_jax.config.run import CONFIGS_DIR, RunConfig, load_config
+from specdiff_jax.model import abstract_model
 
 GiB = 1024 ** 3
 
@@ -167,7 +171,7 @@ def activation_bytes(m: ModelConfig, mesh, rules, *, rows: int, tokens: int, key
     return int(b * (layers * layer + logits))
 
 
-def _calibration_tokens(cfg: Config) -> tuple[int, int]:
+def _calibration_tokens(cfg: RunConfig) -> tuple[int, int]:
     """(queries, logit positions) per row of a calibration step: the causal pass over the row plus
     windows x gamma block queries (each window's block attends to its prefix and itself)."""
     gamma = cfg.calibrate.gamma or cfg.model.block_size
@@ -178,14 +182,14 @@ def _calibration_tokens(cfg: Config) -> tuple[int, int]:
 # --- the two modes ---------------------------------------------------------------------------------------
 
 
-def resolve_mesh(cfg: Config):
+def resolve_mesh(cfg: RunConfig):
     """(mesh, abstract?) for the config: an AbstractMesh of mesh.num_devices, or the real devices."""
     if cfg.mesh.num_devices > 0:
         return shd.abstract_mesh(cfg.mesh, cfg.mesh.num_devices), True
     return shd.make_mesh(cfg.mesh), False
 
 
-def _budget(cfg: Config, mesh, abstract: bool) -> int | None:
+def _budget(cfg: RunConfig, mesh, abstract: bool) -> int | None:
     if cfg.mesh.device_memory_gb > 0:
         return int(cfg.mesh.device_memory_gb * GiB)
     if not abstract:
@@ -195,21 +199,11 @@ def _budget(cfg: Config, mesh, abstract: bool) -> int | None:
     return None
 
 
-def _abstract_params(m: ModelConfig):
-    from flax import nnx
-
-    from specdiff_jax.model import Transformer
-
-    return nnx.split(nnx.eval_shape(lambda: Transformer(m, rngs=nnx.Rngs(0))))[1]
-
-
 def _params_row(abstract_state, mesh, rules) -> int:
-    from flax import nnx
-
     return _tree_bytes(nnx.to_pure_dict(abstract_state), shd.param_shardings(abstract_state, mesh, rules))
 
 
-def verifier_config(cfg: Config) -> ModelConfig | None:
+def verifier_config(cfg: RunConfig) -> ModelConfig | None:
     ref = cfg.pair.verifier_config
     if not ref:
         return None
@@ -227,16 +221,13 @@ class _NoTokenizer:
         raise ConfigError("pair.verifier_config must give vocab_size / eos / pad ids as numbers for a dry run")
 
 
-def train_report(cfg: Config) -> Report:
+def train_report(cfg: RunConfig) -> Report:
     """Per-device memory of one training step of `cfg` (pretraining or calibration)."""
-    from specdiff_jax import objectives, training
-
     mesh, abstract = resolve_mesh(cfg)
     rules = cfg.mesh.logical_axis_rules
-    objective = None if cfg.train.objective in objectives.OBJECTIVES else _no_objective
-    prog = training.programs(cfg, mesh, objective)
-    shapes, st_sh = prog.shapes, prog.state_sh
-    _, abstract_state = training.abstract_model(cfg)
+    lay = training.state_layout(cfg, mesh)  # shapes only: no objective, nothing compiled
+    shapes, st_sh = lay.shapes, lay.state_sh
+    _, abstract_state = nnx.split(abstract_model(cfg.model))
     m, tc = cfg.model, cfg.train
     rows = []
     params_b = _tree_bytes(shapes["params"], st_sh["params"])
@@ -252,8 +243,6 @@ def train_report(cfg: Config) -> Report:
                  "+ accumulator" if tc.grad_accum > 1 else "one copy"))
     B = cfg.data.batch_size
     if tc.objective == "calibrate":
-        from specdiff_jax.calibration import check_drafter
-
         check_drafter(m)  # calibration trains block_causal drafters only: say so before any figure
         q, lt = _calibration_tokens(cfg)
         note = f"estimate: {B} rows x ({cfg.data.seq_len} + windows x gamma = {q} queries), no remat"
@@ -261,7 +250,7 @@ def train_report(cfg: Config) -> Report:
         rows.append(("activations", act, note))
         v = verifier_config(cfg)
         if cfg.calibrate.loss in ("kd_first", "kd_window") and v is not None:  # the frozen teacher
-            rows.append(("verifier (teacher) parameters", _params_row(_abstract_params(v), mesh, rules),
+            rows.append(("verifier (teacher) parameters", _params_row(nnx.state(abstract_model(v)), mesh, rules),
                          f"frozen, {v.param_dtype}"))
             rows.append(("verifier forward", activation_bytes(v, mesh, rules, rows=B, tokens=cfg.data.seq_len,
                                                               backward=False), "estimate: one layer at a time"))
@@ -274,15 +263,9 @@ def train_report(cfg: Config) -> Report:
                   _budget(cfg, mesh, abstract))
 
 
-def _no_objective(model, batch, rng):  # calibration shapes: the objective is never traced in a dry run
-    raise NotImplementedError
-
-
-def decode_report(cfg: Config) -> Report:
+def decode_report(cfg: RunConfig) -> Report:
     """Per-device memory of speculative decoding with the pair of `cfg` (model = drafter, pair.verifier_config =
     verifier); without a pair section, autoregressive decoding of `cfg.model`."""
-    from specdiff_jax.cache import KVCache
-
     mesh, abstract = resolve_mesh(cfg)
     rules = cfg.mesh.logical_axis_rules
     p = cfg.pair
@@ -297,7 +280,7 @@ def decode_report(cfg: Config) -> Report:
             raise ConfigError(f"pair: prompt_tokens + max_new_tokens + gamma = {cap} exceeds the {who}'s "
                               f"max_seq_len={mc.max_seq_len}; lower pair.prompt_tokens / max_new_tokens")
     rows, groups = [], []
-    v_state = _abstract_params(v)
+    v_state = nnx.state(abstract_model(v))
     rows.append(("verifier parameters", _params_row(v_state, mesh, rules), f"{v.param_dtype}, frozen"))
     groups += [("verifier." + g, *rest) for g, *rest in _groups(v_state, mesh, rules)]
 
@@ -312,7 +295,7 @@ def decode_report(cfg: Config) -> Report:
             ("verify", activation_bytes(v, mesh, rules, rows=B, tokens=K * (G + 1), keys=cap + K * (G + 1),
                                         backward=False))]
     if d is not None:
-        d_state = _abstract_params(d)
+        d_state = nnx.state(abstract_model(d))
         rows.append(("drafter parameters", _params_row(d_state, mesh, rules), f"{d.param_dtype}, frozen"))
         groups += [("drafter." + g, *rest) for g, *rest in _groups(d_state, mesh, rules)]
         if d.attention == "bidirectional":  # re-encodes a window each round: no cache
@@ -343,7 +326,7 @@ def check(report: Report) -> None:
             "prompt_tokens), or bf16 parameters (model.param_dtype=bfloat16)")
 
 
-def run(cfg: Config, mode: str, *, out=print) -> Report:
+def run(cfg: RunConfig, mode: str, *, out=print) -> Report:
     """Print the dry-run table of `mode` (train | decode) and raise DoesNotFit if it does not fit."""
     with _fast_abstract_init():
         report = train_report(cfg) if mode == "train" else decode_report(cfg)

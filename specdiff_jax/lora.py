@@ -23,8 +23,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from specdiff_jax.config import ConfigError
-
-DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+from specdiff_jax.config.run import LORA_TARGETS
 
 
 def target_paths(params: dict, targets: Sequence[str]) -> list[tuple]:
@@ -35,7 +34,7 @@ def target_paths(params: dict, targets: Sequence[str]) -> list[tuple]:
     flat = traverse_util.flatten_dict(params)
     names = sorted({str(p[-1]) for p, v in flat.items() if len(jnp.shape(v)) == 2})
     if not targets:
-        raise ConfigError(f"train.lora_targets is empty; name weights to adapt, e.g. {list(DEFAULT_TARGETS)}")
+        raise ConfigError(f"train.lora_targets is empty; name weights to adapt, e.g. {list(LORA_TARGETS)}")
     for t in targets:
         if t not in names:
             raise ConfigError(f"train.lora_targets names {t!r}, which is not a 2-D weight of this model; "

@@ -2,7 +2,7 @@
 
 Pre-RMSNorm blocks, rotary position embeddings, grouped-query attention, SwiGLU MLP, optional q/k/v bias
 (Qwen2: yes, LLaMA: no) and optional tied embeddings. The attention layout is a config switch
-(`causal`, `bidirectional`, `block_causal`); there is one implementation for all of them.
+(`causal`, `bidirectional`, `block_causal`, docs/METHOD.md §2); there is one implementation for all of them.
 
 Every parameter carries `logical_axes` metadata (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`, `norm`) that
 `specdiff_jax.sharding` maps to mesh axes.
@@ -23,18 +23,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from specdiff_jax.cache import KVCache
-from specdiff_jax.config import ModelConfig
+from specdiff_jax.config import ModelConfig, jax_dtype
 
 Array = jax.Array
-_NEG = -1e30  # finite "minus infinity" keeps fully masked rows NaN-free
-
-
-def _dtype(name: str):
-    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+NEG_INF = -1e30  # finite "minus infinity" for masked scores and logits: fully masked rows stay NaN-free
 
 
 def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, std: float | None = 0.02, ones=False):
-    dt = _dtype(cfg.param_dtype)
+    dt = jax_dtype(cfg.param_dtype)
     if ones:
         value = jnp.ones(shape, dt)
     elif std is None:
@@ -110,7 +106,7 @@ class Attention(nnx.Module):
         qm = q.transpose(0, 2, 3, 1, 4).reshape(B, kv, g * Q, hd)
         kb, vb = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, kv, Q, hd]
         s_blk = jnp.einsum("bkmd,bksd->bkms", qm, kb, preferred_element_type=jnp.float32) * scale
-        s_blk = jnp.where(jnp.tile(block_mask, (1, g, 1))[:, None], s_blk, _NEG)  # [B|1, 1, g*Q, Q]
+        s_blk = jnp.where(jnp.tile(block_mask, (1, g, 1))[:, None], s_blk, NEG_INF)  # [B|1, 1, g*Q, Q]
         if cache_k is None:
             p = jax.nn.softmax(s_blk, axis=-1)
             out = jnp.einsum("bkms,bksd->bkmd", p.astype(cdt), vb)
@@ -120,7 +116,7 @@ class Attention(nnx.Module):
             S = cache_k.shape[2]
             s_c = jnp.einsum("bkmd,bksd->bkms", qm, cache_k.astype(cdt), preferred_element_type=jnp.float32)
             valid = jnp.arange(S)[None, :] < cache_lengths[:, None]  # [B, S]
-            s_c = jnp.where(valid[:, None, None, :], s_c * scale, _NEG)
+            s_c = jnp.where(valid[:, None, None, :], s_c * scale, NEG_INF)
             m = jnp.maximum(jnp.max(s_c, axis=-1, keepdims=True), jnp.max(s_blk, axis=-1, keepdims=True))
             e_c, e_b = jnp.exp(s_c - m), jnp.exp(s_blk - m)
             inv = 1.0 / (jnp.sum(e_c, axis=-1, keepdims=True) + jnp.sum(e_b, axis=-1, keepdims=True))
@@ -196,16 +192,18 @@ class Transformer(nnx.Module):
         cache: KVCache | None = None,
         *,
         compute_logits: bool = True,
+        logits_from: int = 0,
     ) -> tuple[Array | None, Array, Array]:
         """Run a block of tokens.
 
         tokens: int32[B, Q]; positions: int32[B, Q] (rotary positions);
         block_mask: bool[B or 1, Q, Q], which block tokens each block token may attend to;
         cache: optional KVCache; every query also attends to cache entries [0, cache.lengths[b]).
-        Returns (logits float32[B, Q, V] or None, k, v) with k, v: [num_layers, B, Q, kv_heads, head_dim],
-        the block's keys/values (not written anywhere).
+        Returns (logits float32[B, Q - logits_from, V] or None, k, v) with k, v: [num_layers, B, Q, kv_heads,
+        head_dim], the block's keys/values (not written anywhere). `logits_from` skips the LM head on the first
+        block positions (XLA does not drop an unused slice of it by itself).
         """
-        cdt = _dtype(self.cfg.dtype)
+        cdt = jax_dtype(self.cfg.dtype)
         x = jnp.take(self.embed_tokens.value, tokens, axis=0).astype(cdt)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
@@ -218,7 +216,7 @@ class Transformer(nnx.Module):
         k_all, v_all = jnp.stack(ks), jnp.stack(vs)
         if not compute_logits:
             return None, k_all, v_all
-        return self.logits(x), k_all, v_all
+        return self.logits(x[:, logits_from:]), k_all, v_all
 
     def logits(self, x: Array) -> Array:
         """Final norm + LM head on hidden states [..., D] -> float32 logits [..., V]."""
@@ -242,3 +240,8 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         logits, _, _ = self.forward(tokens, positions, layout_mask(self.cfg, L, prefix_len))
         return logits
+
+
+def abstract_model(cfg: ModelConfig) -> Transformer:
+    """A Transformer whose parameters are jax.ShapeDtypeStruct: shapes and dtypes only, nothing allocated."""
+    return nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))

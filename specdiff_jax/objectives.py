@@ -1,11 +1,11 @@
-"""Pre-training objectives: pure functions `(model, batch, rng) -> (loss, metrics)`.
+"""Training objectives: pure functions `(model, batch, rng) -> (loss, metrics)`, wrapped as an `Objective`.
 
 batch: {"tokens": int32[B, L], "segment_ids": int32[B, L]} from the packing pipeline; segment id 0 marks padding,
 a change of segment id marks a document boundary.
 
 - `ar`: next-token cross-entropy (verifiers, AR drafters). With document masking, attention and rotary positions
   restart at each document, so a packed row trains exactly like separate documents each decoded from position 0.
-- `mdlm`: masked diffusion for block_causal drafters (SPEC.md section 6, MD4/MDLM with the linear schedule).
+- `mdlm`: masked diffusion for block_causal drafters (docs/METHOD.md §6, MD4/MDLM with the linear schedule).
   Each row is cut into blocks of `cfg.block_size` at a random per-row offset; each block gets its own masking
   rate t (stratified over all blocks of the batch), each of its tokens is replaced by [MASK] with probability t,
   and the loss is the cross-entropy on masked tokens weighted 1/t, per token of the batch (an upper bound on the
@@ -19,14 +19,38 @@ a change of segment id marks a document boundary.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 
 Array = jax.Array
 LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Objective:
+    """What the training loop optimises: `loss(model, batch, rng, *inputs) -> (loss, metrics)`.
+
+    name: recorded in checkpoints, so a run is never resumed with another loss.
+    inputs: the objective's own inputs besides the model, declared here (e.g. a frozen KD teacher's nnx state,
+    `calibration.make_objective`) or None. The loop hands their pure dict to the jitted step as an argument,
+    placed by their logical axes: never closed over, so they are not baked into the compiled program as constants.
+    metrics must hold "loss" and "tokens" (the loss's weight when averaging over validation batches).
+    """
+
+    name: str
+    loss: Callable[..., tuple[Array, dict]]
+    inputs: Any = None
+
+    def __call__(self, model, batch: dict, rng: Array, inputs=None) -> tuple[Array, dict]:
+        """The loss; `inputs` is the pure dict of `self.inputs` (ignored when the objective declares none)."""
+        if self.inputs is None:
+            return self.loss(model, batch, rng)
+        return self.loss(model, batch, rng, inputs)
 
 
 def document_layout(segment_ids: Array, document_masking: bool = True) -> tuple[Array, Array, Array]:
@@ -119,20 +143,6 @@ def mdlm_loss_from_logits(logits: Array, tokens: Array, masked: Array, t: Array,
     return loss, n
 
 
-def _noisy_half_logits(model, tokens: Array, positions: Array, mask: Array, L: int) -> Array:
-    """Logits of positions L.. of `model.forward(tokens, positions, mask)` without the LM head on the clean half.
-
-    The same layers in the same order as Transformer.forward (no cache); XLA does not remove the unused half of
-    the LM head by itself, and skipping it saves about a fifth of a drafter's train step. Tested equal to the
-    full forward (tests/test_training.py).
-    """
-    cdt = jnp.dtype(model.cfg.dtype)
-    x = jnp.take(model.embed_tokens[...], tokens, axis=0).astype(cdt)
-    for layer in model.layers:
-        x, _, _ = layer(x, positions, mask, None, None, None)
-    return model.logits(x[:, L:])
-
-
 def mdlm_loss(model, batch: dict, rng: Array, *, document_masking: bool = True, t_min: float = 1e-3):
     """Masked-diffusion NELBO (nats per token) of a block_causal drafter over all blocks of the batch."""
     cfg = model.cfg
@@ -140,7 +150,8 @@ def mdlm_loss(model, batch: dict, rng: Array, *, document_masking: bool = True, 
     L = tokens.shape[1]
     nz = mdlm_noise(rng, tokens, seg, mask_id=cfg.mask_token_id, block_size=cfg.block_size, t_min=t_min)
     positions, mask = two_stream_layout(seg, nz["block"], document_masking)
-    logits = _noisy_half_logits(model, jnp.concatenate([tokens, nz["noisy"]], axis=1), positions, mask, L)
+    # the LM head only on the noisy half: about a fifth of a drafter's train step
+    logits, _, _ = model.forward(jnp.concatenate([tokens, nz["noisy"]], axis=1), positions, mask, logits_from=L)
     loss, n = mdlm_loss_from_logits(logits, tokens, nz["masked"], nz["t"], seg != 0)
     return loss, {"loss": loss, "bits_per_token": loss / LN2, "tokens": n,
                   "mask_rate": nz["masked"].sum() / jnp.maximum(n, 1)}
@@ -149,10 +160,10 @@ def mdlm_loss(model, batch: dict, rng: Array, *, document_masking: bool = True, 
 OBJECTIVES = {"ar": ar_loss, "mdlm": mdlm_loss}
 
 
-def make_objective(train_cfg):
-    """The configured objective as `f(model, batch, rng) -> (loss, metrics)`."""
+def make_objective(train_cfg) -> Objective:
+    """The objective named by train.objective (`ar` | `mdlm`), with its settings from `train_cfg`."""
     fn = OBJECTIVES[train_cfg.objective]
     kw = {"document_masking": train_cfg.document_masking}
     if train_cfg.objective == "mdlm":
         kw["t_min"] = train_cfg.mdlm_t_min
-    return functools.partial(fn, **kw)
+    return Objective(train_cfg.objective, functools.partial(fn, **kw))

@@ -26,6 +26,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from specdiff_jax.config import ConfigError
 
+# MaxText-style logical axis rules: logical name -> mesh axis, tuple of mesh axes, or None (replicated).
+DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_length", None),
+)
+
 MESH_AXES = ("data", "fsdp", "tensor")
 Rules = Sequence[tuple[str, Any]]
 
@@ -66,9 +80,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 def make_mesh(mesh_cfg, devices: Sequence | None = None) -> Mesh:
     """A Mesh over `devices` (default: all) with axes (data, fsdp, tensor) in Auto mode.
 
-    Built directly with `Mesh(...)`: jax 0.10's `make_mesh` defaults to Explicit axes (see STACK.md). With DCN
-    sizes > 1 the device grid is jax's hybrid (slice-aware) layout; on TPU the ICI grid follows the physical
-    topology; elsewhere devices are laid out in `jax.devices()` order (process by process).
+    Built directly with `Mesh(...)`: jax 0.10's `make_mesh` defaults to Explicit axes, which our code does not
+    use. With DCN sizes > 1 the device grid is jax's hybrid (slice-aware) layout; on TPU the ICI grid follows the
+    physical topology; elsewhere devices are laid out in `jax.devices()` order (process by process).
     """
     from jax.experimental import mesh_utils
 

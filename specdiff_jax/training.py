@@ -1,4 +1,4 @@
-"""The pre-training loop: one jitted, sharded train step; Orbax checkpoints with exact resume.
+"""The training loop: one jitted, sharded train step; a short Python loop over steps that calls hooks.
 
 Train state (a plain dict pytree, the unit of checkpointing):
     params     pure dict of the model's nnx.Param arrays (`nnx.to_pure_dict`), sharded by logical axes
@@ -8,23 +8,26 @@ Train state (a plain dict pytree, the unit of checkpointing):
 
 `train_step(state, batch) -> (state, metrics)` is one pure function jitted with in/out shardings over the mesh
 (1 device here, the same code on many) and donated state; gradient accumulation is a `lax.scan` over the
-micro-batches of `batch["tokens"]: int32[A, B, L]`.
+micro-batches of `batch["tokens"]: int32[A, B, L]`. What it optimises is an `objectives.Objective`.
 
-Checkpoints (`<workdir>/checkpoints/<step>/`) hold the train state, the data iterator state (JSON) and run
-metadata; resuming restores all of them, so an interrupted run continues with exactly the losses it would have
-had. SIGTERM / SIGINT finish the current step, save and return; a non-finite loss or gradient stops the run before
-anything is saved, naming the step and the last good checkpoint (which is kept).
+`train` runs the step in a loop; everything periodic is a hook called after each step, in this order (in the
+manner of Levanter's trainer hooks): the divergence check, progress, the metrics log (train.log_every),
+validation (train.eval_every), the caller's `Hooks.on_step_end`, the stop-on-signal check, checkpointing
+(checkpoint.save_every); the export follows the last step. The run directory (lock, signals, metrics log,
+checkpoints and their failure messages) is `specdiff_jax.rundir`.
+
+Checkpoints hold the train state, the data iterator state (JSON) and run metadata; resuming restores all of them,
+so an interrupted run continues with exactly the losses it would have had. SIGTERM / SIGINT finish the current
+step, save and return; a non-finite loss or gradient stops the run before anything is saved, naming the step and
+the last good checkpoint (which is kept).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
-import os
 import signal
-import threading
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -35,24 +38,20 @@ import numpy as np
 import optax
 from flax import nnx
 
+from specdiff_jax import lora, objectives, rundir
 from specdiff_jax import sharding as shd
-from specdiff_jax.config import ConfigError
-from specdiff_jax.configs import Config, save_config, validate
-from specdiff_jax.model import Transformer
-from specdiff_jax.objectives import make_objective
+from specdiff_jax.checkpoint import save_pretrained
+from specdiff_jax.config import ConfigError, ModelConfig
+from specdiff_jax.config.run import RunConfig, TrainConfig, save_config, validate
+from specdiff_jax.hf_checkpoint import load_pretrained
+from specdiff_jax.data import corpus, pipeline
+from specdiff_jax.data.sharded import ShardedStream
+from specdiff_jax.model import Transformer, abstract_model
+from specdiff_jax.objectives import Objective, make_objective
+from specdiff_jax.rundir import TrainingDiverged, TrainingError
+from specdiff_jax.tokenizer import load_tokenizer
 
-CHECKPOINT_DIR = "checkpoints"
-METRICS_FILE = "metrics.jsonl"
-CONFIG_FILE = "config.yaml"
-LOCK_FILE = ".lock"
-
-
-class TrainingError(RuntimeError):
-    """The run cannot continue (diverged, incompatible checkpoint, busy work dir); the message says why and what to do."""
-
-
-class TrainingDiverged(TrainingError):
-    """Loss or gradient became NaN/inf; the message names the step and the last good checkpoint."""
+__all__ = ["Hooks", "TrainResult", "TrainingDiverged", "TrainingError", "programs", "restore_checkpoint", "train"]
 
 
 @dataclasses.dataclass
@@ -94,28 +93,23 @@ def make_optimizer(tc) -> optax.GradientTransformation:
 # --- state and step -----------------------------------------------------------------------------------
 
 
-def abstract_model(cfg: Config) -> tuple[nnx.GraphDef, nnx.State]:
-    return nnx.split(nnx.eval_shape(lambda: Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))))
-
-
-def init_state(cfg: Config, tx, params: dict | None = None) -> dict:
+def init_state(model_cfg: ModelConfig, seed: int, tx, params: dict | None = None) -> dict:
     """A fresh train state (call under jit with out_shardings to place it). params: start from these instead."""
     if params is None:
-        model = Transformer(cfg.model, rngs=nnx.Rngs(cfg.train.seed))
+        model = Transformer(model_cfg, rngs=nnx.Rngs(seed))
         params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     return {
         "params": params,
         "opt_state": tx.init(params),
         "step": jnp.zeros((), jnp.int32),
-        "rng": jax.random.PRNGKey(cfg.train.seed + 1),
+        "rng": jax.random.PRNGKey(seed + 1),
     }
 
 
-def state_shardings(cfg: Config, mesh, tx, abstract_param_state: nnx.State, state_shapes: dict,
+def state_shardings(rules, mesh, tx, abstract_param_state: nnx.State, state_shapes: dict,
                     param_sh: dict | None = None) -> dict:
     """Shardings of the train state; `param_sh` overrides the trained parameters' (LoRA adapters)."""
-    p_sh = param_sh if param_sh is not None else shd.param_shardings(abstract_param_state, mesh,
-                                                                      cfg.mesh.logical_axis_rules)
+    p_sh = param_sh if param_sh is not None else shd.param_shardings(abstract_param_state, mesh, rules)
     rep = shd.replicated(mesh)
     return {
         "params": p_sh,
@@ -129,44 +123,33 @@ def _model_params(params, frozen, lora_scale):
     """The full parameters the model runs with: `params` (full training) or base + LoRA adapters."""
     if frozen is None:
         return params
-    from specdiff_jax import lora
-
     return lora.merge(frozen, params, lora_scale)
 
 
-def _objective_call(objective, model, batch, rng, aux):
-    """`objective(model, batch, rng)`, or `objective(model, batch, rng, aux)` for objectives with inputs of their
-    own (`objective.aux`, e.g. a frozen teacher's parameters; see calibration.make_objective)."""
-    if getattr(objective, "aux", None) is not None:
-        return objective(model, batch, rng, aux)
-    return objective(model, batch, rng)
-
-
-def make_train_step(graphdef, objective, tx, schedule, lora_scale: float | None = None) -> Callable:
-    """`train_step(state, batch, frozen=None, aux=None) -> (state, metrics)`, batch tokens/segment_ids
+def make_train_step(graphdef, objective: Objective, tx, schedule, lora_scale: float | None = None) -> Callable:
+    """`train_step(state, batch, frozen=None, inputs=None) -> (state, metrics)`, batch tokens/segment_ids
     int32[A, B, L] (A micro-batches). With LoRA, state["params"] are the adapters and `frozen` the base parameters
-    (an input, never differentiated); the model is base + lora_scale * A @ B. `aux` is the objective's own input
-    (the pure dict of `objective.aux`, an nnx state such as the KD teacher's): an argument of the step, so it is
+    (an input, never differentiated); the model is base + lora_scale * A @ B. `inputs` is the pure dict of the
+    objective's declared inputs (`Objective.inputs`, e.g. the KD teacher): an argument of the step, so it is
     sharded like any input and never baked into the compiled program as constants."""
 
-    def loss_fn(params, batch, rng, frozen, aux):
-        return _objective_call(objective, nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch,
-                               rng, aux)
+    def loss_fn(params, batch, rng, frozen, inputs):
+        return objective(nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch, rng, inputs)
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
-    def train_step(state, batch, frozen=None, aux=None):
+    def train_step(state, batch, frozen=None, inputs=None):
         params = state["params"]
         A = batch["tokens"].shape[0]
         rngs = jax.random.split(jax.random.fold_in(state["rng"], state["step"]), A)
 
         def micro(acc, xs):
             b, r = xs
-            (_, m), g = grad_fn(params, b, r, frozen, aux)
+            (_, m), g = grad_fn(params, b, r, frozen, inputs)
             return jax.tree.map(jnp.add, acc, g), m
 
         if A == 1:  # no loop: the common case compiles faster
-            (_, m), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rngs[0], frozen, aux)
+            (_, m), grads = grad_fn(params, jax.tree.map(lambda x: x[0], batch), rngs[0], frozen, inputs)
             ms = jax.tree.map(lambda x: x[None], m)
         else:
             zeros = jax.tree.map(jnp.zeros_like, params)
@@ -187,61 +170,65 @@ def make_train_step(graphdef, objective, tx, schedule, lora_scale: float | None 
     return train_step
 
 
-def make_eval_step(graphdef, objective, lora_scale: float | None = None) -> Callable:
-    """`eval_step(params, batch[B, L], rng, frozen=None, aux=None) -> (sum of per-token loss, token count)`."""
+def make_eval_step(graphdef, objective: Objective, lora_scale: float | None = None) -> Callable:
+    """`eval_step(params, batch[B, L], rng, frozen=None, inputs=None) -> (sum of per-token loss, token count)`."""
 
-    def eval_step(params, batch, rng, frozen=None, aux=None):
-        _, m = _objective_call(objective, nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch,
-                               rng, aux)
+    def eval_step(params, batch, rng, frozen=None, inputs=None):
+        _, m = objective(nnx.merge(graphdef, _model_params(params, frozen, lora_scale)), batch, rng, inputs)
         return m["loss"] * m["tokens"], m["tokens"]
 
     return eval_step
 
 
 @dataclasses.dataclass(frozen=True)
-class Programs:
-    """The jitted pure functions of a run and the shardings they use (built once per config and mesh)."""
+class StateLayout:
+    """Shapes and placement of a run's train state (no objective needed: also what a dry run measures)."""
 
     graphdef: Any
     tx: Any
     shapes: Any  # train-state pytree of jax.ShapeDtypeStruct
     state_sh: Any  # train-state pytree of NamedSharding
+    frozen_sh: Any = None  # LoRA: shardings of the frozen base parameters (None: full training)
+    lora_scale: float | None = None  # LoRA: lora_alpha / lora_rank
+    fresh_params: Callable | None = None  # LoRA: () -> fresh adapters (None: the model's own init)
+
+
+@dataclasses.dataclass(frozen=True)
+class Programs:
+    """The jitted pure functions of a run and the shardings they use (built once per config and mesh)."""
+
+    layout: StateLayout
     batch_sh: Any  # [A, B, L] micro-batch stack
     val_sh: Any  # [B, L]
     init: Callable  # init() or init(params) -> state
-    train_step: Callable  # (state, batch, frozen[, aux]) -> (state, metrics); state donated; frozen None or LoRA base
-    eval_step: Callable  # (params, batch, rng, frozen[, aux]) -> (loss sum, tokens); aux only when aux_sh is set
-    frozen_sh: Any = None  # LoRA: shardings of the frozen base parameters (None: full training)
-    lora_scale: float | None = None  # LoRA: lora_alpha / lora_rank
-    aux_sh: Any = None  # shardings of the objective's own input (objective.aux; None: it has none)
+    train_step: Callable  # (state, batch, frozen[, inputs]) -> (state, metrics); state donated; frozen: LoRA base
+    eval_step: Callable  # (params, batch, rng, frozen[, inputs]) -> (loss sum, tokens)
+    inputs_sh: Any = None  # shardings of the objective's declared inputs (None: it has none)
+
+    # the layout's fields, read through
+    graphdef = property(lambda self: self.layout.graphdef)
+    shapes = property(lambda self: self.layout.shapes)
+    state_sh = property(lambda self: self.layout.state_sh)
+    frozen_sh = property(lambda self: self.layout.frozen_sh)
+    lora_scale = property(lambda self: self.layout.lora_scale)
 
 
-def programs(cfg: Config, mesh, objective: Callable | None = None) -> Programs:
-    """Jitted init / train / eval functions for `cfg` on `mesh`, memoised in-process (compiles are slow on CPU).
+def _training_key(cfg: RunConfig) -> TrainConfig:
+    """train.* without the fields that do not change the compiled programs (the memo key)."""
+    return dataclasses.replace(cfg.train, log_every=1, eval_every=1, progress_bar=True, init_from=None)
 
-    objective: a custom `f(model, batch, rng) -> (loss, metrics)` (e.g. a calibration loss) instead of the one
-    named by train.objective; it is part of the memo key.
-    """
-    from specdiff_jax import objectives
 
-    # Fields that do not change the compiled programs are normalised out of the memo key.
-    tc = dataclasses.replace(cfg.train, log_every=1, eval_every=1, progress_bar=True, init_from=None)
-    if objective is not None:
-        return _programs(cfg.model, tc, cfg.mesh, mesh, objective, custom=True)
-    return _programs(cfg.model, tc, cfg.mesh, mesh, objectives.OBJECTIVES[tc.objective])
+def state_layout(cfg: RunConfig, mesh) -> StateLayout:
+    """Shapes and shardings of the train state of `cfg` on `mesh`, memoised in-process."""
+    return _state_layout(cfg.model, _training_key(cfg), cfg.mesh.logical_axis_rules, mesh)
 
 
 @functools.lru_cache(maxsize=8)
-def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = False) -> Programs:
-    cfg = Config(model=model_cfg, train=tc, mesh=mesh_cfg)
+def _state_layout(model_cfg: ModelConfig, tc: TrainConfig, rules, mesh) -> StateLayout:
     tx = make_optimizer(tc)
-    schedule = lr_schedule(tc)
-    graphdef, abstract = abstract_model(cfg)
-    rules = mesh_cfg.logical_axis_rules
+    graphdef, abstract = nnx.split(abstract_model(model_cfg))
     frozen_sh, param_sh, lora_scale, fresh_params = None, None, None, None
     if tc.lora_rank > 0:  # train adapters only; the base parameters are a frozen input of the step
-        from specdiff_jax import lora
-
         frozen_sh = shd.param_shardings(abstract, mesh, rules)
         base_shapes = nnx.to_pure_dict(abstract)
         lora_scale = tc.lora_alpha / tc.lora_rank
@@ -251,42 +238,58 @@ def _programs(model_cfg, tc, mesh_cfg, mesh, objective_impl, custom: bool = Fals
         ad_axes = lora.logical_axes(shd.param_logical_axes(abstract), ad_shapes)
         param_sh = jax.tree.map(lambda ax, a: shd.logical_sharding(mesh, rules, ax, a.shape), ad_axes, ad_shapes,
                                 is_leaf=lambda x: isinstance(x, tuple))
-    shapes = jax.eval_shape(lambda: init_state(cfg, tx, None if fresh_params is None else fresh_params()))
-    st_sh = state_shardings(cfg, mesh, tx, abstract, shapes, param_sh)
+    shapes = jax.eval_shape(lambda: init_state(model_cfg, tc.seed, tx, None if fresh_params is None else
+                                               fresh_params()))
+    st_sh = state_shardings(rules, mesh, tx, abstract, shapes, param_sh)
+    return StateLayout(graphdef, tx, shapes, st_sh, frozen_sh, lora_scale, fresh_params)
+
+
+def programs(cfg: RunConfig, mesh, objective: Objective | None = None) -> Programs:
+    """Jitted init / train / eval functions for `cfg` on `mesh`, memoised in-process (compiles are slow on CPU).
+
+    objective: a custom `Objective` (e.g. calibration's) instead of the one named by train.objective; it is part
+    of the memo key.
+    """
+    tc = _training_key(cfg)
+    if objective is not None:
+        return _programs(cfg.model, tc, cfg.mesh.logical_axis_rules, mesh, objective)
+    return _programs(cfg.model, tc, cfg.mesh.logical_axis_rules, mesh, objectives.OBJECTIVES[tc.objective])
+
+
+@functools.lru_cache(maxsize=8)
+def _programs(model_cfg: ModelConfig, tc: TrainConfig, rules, mesh, objective) -> Programs:
+    lay = _state_layout(model_cfg, tc, rules, mesh)
+    if not isinstance(objective, Objective):  # a built-in objective's function: the memo key only
+        objective = make_objective(tc)
     batch_sh = shd.batch_sharding(mesh, rules, 3, leading=1)
     val_sh = shd.batch_sharding(mesh, rules, 2)
     rep = shd.replicated(mesh)
-    objective = objective_impl if custom else make_objective(tc)  # built-in ones: the impl is the key only
-    aux_sh = None
-    if getattr(objective, "aux", None) is not None:  # e.g. a KD teacher: placed by its own logical axes
-        aux_sh = shd.param_shardings(objective.aux, mesh, rules)
-    aux_in = () if aux_sh is None else (aux_sh,)  # objectives without an input keep the 3-argument step
-    init_fresh = jax.jit(lambda: init_state(cfg, tx, None if fresh_params is None else fresh_params()),
-                         out_shardings=st_sh)
-    init_from = jax.jit(lambda p: init_state(cfg, tx, p), out_shardings=st_sh)
+    # e.g. a KD teacher: placed by its own logical axes
+    inputs_sh = None if objective.inputs is None else shd.param_shardings(objective.inputs, mesh, rules)
+    extra_in = () if inputs_sh is None else (inputs_sh,)  # objectives without inputs keep the 3-argument step
+    fresh = lay.fresh_params  # LoRA: fresh adapters; otherwise the model's own init
+    init_fresh = jax.jit(lambda: init_state(model_cfg, tc.seed, lay.tx, None if fresh is None else fresh()),
+                         out_shardings=lay.state_sh)
+    init_from = jax.jit(lambda p: init_state(model_cfg, tc.seed, lay.tx, p), out_shardings=lay.state_sh)
     return Programs(
-        graphdef=graphdef, tx=tx, shapes=shapes, state_sh=st_sh, batch_sh=batch_sh, val_sh=val_sh,
+        layout=lay, batch_sh=batch_sh, val_sh=val_sh,
         init=lambda params=None: init_fresh() if params is None else init_from(params),
-        train_step=jax.jit(make_train_step(graphdef, objective, tx, schedule, lora_scale),
-                           in_shardings=(st_sh, batch_sh, frozen_sh) + aux_in, out_shardings=(st_sh, rep),
-                           donate_argnums=(0,)),
-        eval_step=jax.jit(make_eval_step(graphdef, objective, lora_scale),
-                          in_shardings=(st_sh["params"], val_sh, rep, frozen_sh) + aux_in),
-        frozen_sh=frozen_sh, lora_scale=lora_scale, aux_sh=aux_sh,
+        train_step=jax.jit(make_train_step(lay.graphdef, objective, lay.tx, lr_schedule(tc), lay.lora_scale),
+                           in_shardings=(lay.state_sh, batch_sh, lay.frozen_sh) + extra_in,
+                           out_shardings=(lay.state_sh, rep), donate_argnums=(0,)),
+        eval_step=jax.jit(make_eval_step(lay.graphdef, objective, lay.lora_scale),
+                          in_shardings=(lay.state_sh["params"], val_sh, rep, lay.frozen_sh) + extra_in),
+        inputs_sh=inputs_sh,
     )
 
 
 # --- data ---------------------------------------------------------------------------------------------
 
 
-def build_data(cfg: Config, tokenizer=None):
+def build_data(cfg: RunConfig, tokenizer=None):
     """Training dataset (grain IterDataset, this process's shard) and the fixed validation batches."""
-    from specdiff_jax.data import corpus, pipeline
-
     d = cfg.data
     if tokenizer is None:
-        from specdiff_jax.tokenizer import load_tokenizer
-
         tokenizer = load_tokenizer(d.tokenizer)
     if tokenizer.vocab_size > cfg.model.vocab_size:
         raise ConfigError(f"the tokenizer at data.tokenizer={d.tokenizer!r} has {tokenizer.vocab_size} ids but "
@@ -321,15 +324,12 @@ def build_data(cfg: Config, tokenizer=None):
     return train_ds, val_batches
 
 
-def sharded_training_stream(cfg: Config, source, tokenizer):
+def sharded_training_stream(cfg: RunConfig, source, tokenizer):
     """The packed training stream as data.num_shards disjoint shards (0 = one per process), this process's part.
 
     See specdiff_jax.data.sharded: the global batches do not depend on the process count, so a run resumes on
     any number of processes dividing the shard count.
     """
-    from specdiff_jax.data import pipeline
-    from specdiff_jax.data.sharded import ShardedStream
-
     d = cfg.data
     return ShardedStream(
         lambda i, n, b: pipeline.packed_dataset(source, tokenizer, seq_len=d.seq_len, batch_size=b, seed=d.seed,
@@ -338,133 +338,22 @@ def sharded_training_stream(cfg: Config, source, tokenizer):
         process_index=jax.process_index(), process_count=jax.process_count())
 
 
-# --- bookkeeping at the program edge -----------------------------------------------------------------
+# --- the loop -----------------------------------------------------------------------------------------
 
 
-class _WorkdirLock:
-    """Refuse two live runs on one work dir (a stale lock of a dead process is taken over)."""
-
-    def __init__(self, workdir: Path, enabled: bool = True):
-        self.path = workdir / LOCK_FILE
-        self.held = False
-        self.enabled = enabled  # multi-process runs share the work dir: process 0 holds the lock
-
-    def __enter__(self):
-        if not self.enabled:
-            return self
-        if self.path.exists():
-            try:
-                pid = int(self.path.read_text().strip() or 0)
-            except ValueError:
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise TrainingError(f"work dir {str(self.path.parent)!r} is in use by process {pid}; wait for it, "
-                                    "stop it, or choose another --workdir")
-        self.path.write_text(str(os.getpid()))
-        self.held = True
-        return self
-
-    def __exit__(self, *exc):
-        if self.held:
-            self.path.unlink(missing_ok=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class _StopOnSignal:
-    """SIGTERM/SIGINT set a flag that the loop checks after each step; a second signal gets the default action."""
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._old: dict[int, Any] = {}
-
-    def _handler(self, signum, frame):
-        self.signum = signum
-        for s, h in self._old.items():  # a second signal is not caught: the user insists
-            signal.signal(s, h)
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGTERM, signal.SIGINT):
-                self._old[s] = signal.getsignal(s)
-                signal.signal(s, self._handler)
-        return self
-
-    def __exit__(self, *exc):
-        for s, h in self._old.items():
-            signal.signal(s, h)
-        self._old.clear()
-
-
-class _MetricsLog:
-    def __init__(self, workdir: Path, enabled: bool = True):
-        self.path = workdir / METRICS_FILE
-        self.enabled = enabled
-        self.tb = None
-        if enabled:
-            try:
-                from tensorboardX import SummaryWriter
-
-                self.tb = SummaryWriter(str(workdir / "tb"))
-            except ImportError:  # pragma: no cover - tensorboardX is a dependency
-                self.tb = None
-
-    def write(self, step: int, record: dict, prefix: str):
-        if not self.enabled:
-            return
-        rec = {"step": step, **{f"{prefix}{k}" if prefix == "val_" else k: v for k, v in record.items()}}
-        with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                self.tb.add_scalar(f"{prefix.rstrip('_') or 'train'}/{k}", v, step)
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.flush()
-            self.tb.close()
-
-
-def _checkpoint_manager(workdir: Path, cfg: Config, cleanup: bool = False):
-    """cleanup: delete partial checkpoints (`<step>.orbax-checkpoint-tmp`, left by a run killed while saving or a
-    save that failed; orbax deletes on the primary process only). Only a run holding the work dir's lock may
-    clean up, never a reader of a live run."""
-    import orbax.checkpoint as ocp
-
-    opts = ocp.CheckpointManagerOptions(max_to_keep=cfg.checkpoint.keep, create=True,
-                                        enable_async_checkpointing=cfg.checkpoint.async_save,
-                                        cleanup_tmp_directories=cleanup)
-    return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=opts)
-
-
-def _abstract_target(shapes, shardings):
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
-
-
-def restore_checkpoint(workdir: str | Path, cfg: Config, mesh=None, step: int | None = None):
+def restore_checkpoint(workdir: str | Path, cfg: RunConfig, mesh=None, step: int | None = None):
     """Restore `(state, data_state, metadata)` of a run onto `mesh` (default: all devices, `cfg.mesh`).
 
     Works across topologies (saved on 8 devices, restored on 1): arrays are placed by the target shardings.
     """
-    import orbax.checkpoint as ocp
-
     mesh = mesh or shd.make_mesh(cfg.mesh)
-    prog = programs(cfg, mesh)
-    mngr = _checkpoint_manager(Path(workdir), cfg)
+    lay = state_layout(cfg, mesh)
+    mngr = rundir.checkpoint_manager(Path(workdir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
     try:
         step = mngr.latest_step() if step is None else step
         if step is None:
-            raise TrainingError(f"no checkpoint under {str(Path(workdir) / CHECKPOINT_DIR)!r}")
-        r = mngr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(_abstract_target(prog.shapes, prog.state_sh)),
-                                                      data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
+            raise TrainingError(f"no checkpoint under {str(Path(workdir) / rundir.CHECKPOINT_DIR)!r}")
+        r = mngr.restore(step, args=rundir.restore_args(rundir.abstract_target(lay.shapes, lay.state_sh)))
     finally:
         mngr.close()
     return r.state, r.data, r.meta
@@ -475,11 +364,227 @@ def _to_global(batch: dict, sharding) -> dict:
             for k, v in batch.items() if k in ("tokens", "segment_ids")}
 
 
-# --- the loop -----------------------------------------------------------------------------------------
+class _Clock:
+    """Training throughput over the steps since the last log record; the first step of an invocation
+    (compilation) and evaluation time are left out."""
+
+    def __init__(self, start: int, tokens_per_step: int):
+        self.start, self.tokens_per_step = start, tokens_per_step
+        self.t_last, self.rate, self.tokens, self.time = time.perf_counter(), 0.0, 0, 0.0
+
+    def tick(self, step: int) -> None:
+        now = time.perf_counter()
+        dt, self.t_last = now - self.t_last, now
+        if step > self.start + 1:
+            self.tokens, self.time = self.tokens + self.tokens_per_step, self.time + dt
+            self.rate = self.tokens / self.time
+
+    def take(self) -> dict:
+        """tokens_per_s and step_time of the window (empty before the first timed step); starts a new window."""
+        n = self.tokens // self.tokens_per_step
+        timing = {"tokens_per_s": self.tokens / self.time, "step_time": self.time / n} if n else {}
+        self.tokens, self.time = 0, 0.0
+        return timing
+
+    def skip(self) -> None:
+        """Leave out the time since the last step (evaluation is not training throughput)."""
+        self.t_last = time.perf_counter()
+
+
+class _Run:
+    """One invocation of a run: train state, data iterator, checkpoints, metrics log and counters."""
+
+    def __init__(self, cfg: RunConfig, workdir: Path, prog: Programs, train_data, val_batches: list,
+                 objective: Objective | None):
+        tc = cfg.train
+        self.cfg, self.workdir, self.prog, self.status = cfg, workdir, prog, "running"
+        self.ckpts = rundir.Checkpoints(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
+        self.it = iter(train_data)
+        self.meta = {"model": cfg.model.to_dict(), "objective": tc.objective if objective is None else objective.name,
+                     "seq_len": cfg.data.seq_len}
+        self.frozen = None
+        if tc.lora_rank > 0:  # LoRA: the base is loaded (fresh start and resume alike) and stays frozen
+            self.meta["lora"] = {"rank": tc.lora_rank, "alpha": tc.lora_alpha, "targets": list(tc.lora_targets),
+                                 "base": str(tc.init_from)}
+            self.frozen = jax.device_put(_load_init(cfg, tc.init_from), prog.frozen_sh)
+        # the step's trailing inputs: the LoRA base (or None), then the objective's declared inputs if it has any
+        self.extra = (self.frozen,) if prog.inputs_sh is None else (
+            self.frozen, jax.device_put(nnx.to_pure_dict(objective.inputs), prog.inputs_sh))
+        self.state, self.tokens_seen = self._resume_or_init()
+        self.start = self.step = int(self.state["step"])
+        self.tokens_per_step = tc.grad_accum * cfg.data.batch_size * cfg.data.seq_len
+        self.losses: dict[int, float] = {}
+        self.val: dict[str, float] = {}
+        self.last_ckpt = self.ckpts.path(self.start) if self.ckpts.latest_step() is not None else None
+        self.val_dev = [_to_global(b, prog.val_sh) for b in val_batches]
+        self.val_rng = jax.random.PRNGKey(tc.seed + 2)
+        self.log = rundir.MetricsLog(workdir, enabled=jax.process_index() == 0)
+        self.bar = None
+        if tc.progress_bar and jax.process_index() == 0:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=tc.steps, initial=self.start, desc=f"train {tc.objective}", dynamic_ncols=True)
+        self.clock = _Clock(self.start, self.tokens_per_step)
+
+    def _resume_or_init(self) -> tuple[dict, int]:
+        r = self.ckpts.resume(rundir.abstract_target(self.prog.shapes, self.prog.state_sh), self.meta)
+        if r is not None:
+            if r.data is not None:
+                self.it.set_state(r.data)
+            return r.state, int(r.meta.get("tokens_seen", 0))
+        tc = self.cfg.train
+        params = _load_init(self.cfg, tc.init_from) if tc.init_from and self.frozen is None else None
+        return (self.prog.init(params) if params is not None else self.prog.init()), 0
+
+    def next_batch(self) -> dict:
+        """The next step's micro-batches, stacked int32[A, B, L] and placed on the mesh."""
+        micro = []
+        for _ in range(self.cfg.train.grad_accum):
+            try:
+                micro.append(next(self.it))
+            except StopIteration:
+                raise TrainingError("the training data ran out; use num_epochs=None (repeat) for the "
+                                    "training stream") from None
+        batch = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in ("tokens", "segment_ids")}
+        if batch["tokens"].shape[-1] != self.cfg.data.seq_len:
+            raise ConfigError(f"training batches have length {batch['tokens'].shape[-1]} but "
+                              f"data.seq_len={self.cfg.data.seq_len}")
+        return _to_global(batch, self.prog.batch_sh)
+
+    def train_step(self) -> dict[str, float]:
+        self.state, metrics = self.prog.train_step(self.state, self.next_batch(), *self.extra)
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        return {k: float(v) for k, v in metrics.items()}
+
+    def evaluate(self) -> dict:
+        tot, n = 0.0, 0
+        for i, b in enumerate(self.val_dev):
+            s, c = self.prog.eval_step(self.state["params"], b, jax.random.fold_in(self.val_rng, i), *self.extra)
+            tot += float(s)
+            n += int(c)
+        loss = tot / max(n, 1)
+        return {"loss": loss, "bits_per_token": loss / math.log(2), "tokens": n}
+
+    def save(self) -> str:
+        meta = {**self.meta, "step": self.step, "tokens_seen": self.tokens_seen, "time": time.time()}
+        self.last_ckpt = self.ckpts.save(self.step, self.state, self.it.get_state(), meta)
+        return self.last_ckpt
+
+    def say(self, msg: str) -> None:
+        (self.bar.write if self.bar is not None else print)(msg)
+
+    def finish(self) -> None:
+        """After the last step: the final checkpoint and validation of a completed run; wait for saves."""
+        if self.status == "running":
+            self.status = "completed"
+            if self.ckpts.latest_step() != self.step:
+                self.save()
+            if self.val_dev and not self.val:  # resumed a finished run: report it anyway
+                self.val = self.evaluate()
+        self.ckpts.wait()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+        self.log.close()
+        self.ckpts.close()
+
+
+# --- hooks: everything periodic, in the order they run after a step -----------------------------------
+
+
+@dataclasses.dataclass
+class _Every:
+    """Call `fn(run, metrics)` after every `every`-th step (and after the last step when `at_end`)."""
+
+    every: int
+    fn: Callable[[_Run, dict], Any]
+    at_end: bool = True
+
+    def __call__(self, run: _Run, metrics: dict) -> None:
+        due = run.step % self.every == 0 or (self.at_end and run.step == run.cfg.train.steps)
+        if due and run.status == "running":
+            self.fn(run, metrics)
+
+
+def _check_divergence(run: _Run, m: dict) -> None:
+    if not (math.isfinite(m["loss"]) and math.isfinite(m["grad_norm"])):
+        what = "loss" if not math.isfinite(m["loss"]) else "gradient norm"
+        good = run.ckpts.latest_step()
+        where = (f"the last good checkpoint is {run.ckpts.path(good)} (step {good}), kept"
+                 if good is not None else "no checkpoint was saved before it")
+        raise TrainingDiverged(
+            f"training diverged: {what} is {m['loss'] if what == 'loss' else m['grad_norm']} at step {run.step}; "
+            f"{where}. Lower train.lr or raise train.warmup_steps, then resume or restart")
+
+
+def _track(run: _Run, m: dict) -> None:
+    run.losses[run.step] = m["loss"]
+    run.clock.tick(run.step)
+    if run.bar is not None:
+        run.bar.update(1)
+        run.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{run.clock.rate:,.0f}", refresh=False)
+
+
+def _log(run: _Run, m: dict) -> None:
+    run.log.write(run.step, {**m, **run.clock.take(), "tokens_seen": run.tokens_seen}, "")
+
+
+def _validate(run: _Run, m: dict) -> None:
+    run.val = run.evaluate()
+    run.log.write(run.step, run.val, "val_")
+    if run.bar is not None:
+        run.bar.write(f"step {run.step}: val loss {run.val['loss']:.4f}, {run.val['bits_per_token']:.4f} bits/token")
+    run.clock.skip()
+
+
+def _step_hooks(run: _Run, user: Hooks, stop: rundir.StopOnSignal) -> list[_Every]:
+    tc = run.cfg.train
+
+    def stop_on_signal(r: _Run, m: dict) -> None:
+        if stop.signum is not None:
+            r.save()
+            r.status = "interrupted"
+            r.say(f"{signal.Signals(stop.signum).name} received: saved {r.last_ckpt} at step {r.step}; rerun the "
+                  "same command to resume")
+
+    hooks = [_Every(1, _check_divergence), _Every(1, _track), _Every(tc.log_every, _log)]
+    if run.val_dev:
+        hooks.append(_Every(tc.eval_every, _validate))
+    if user.on_step_end is not None:
+        hooks.append(_Every(1, lambda r, m: user.on_step_end(r.step, m)))
+    hooks.append(_Every(1, stop_on_signal))
+    hooks.append(_Every(run.cfg.checkpoint.save_every, lambda r, m: r.save() if r.step < tc.steps else None,
+                        at_end=False))
+    return hooks
+
+
+def _export(run: _Run) -> str:
+    """The trained model as a model directory `<workdir>/export` (LoRA adapters merged into the base)."""
+    export = str(run.workdir / "export")
+    tc = run.cfg.train
+    model = nnx.merge(run.prog.graphdef, _model_params(run.state["params"], run.frozen, run.prog.lora_scale))
+    save_pretrained(model, export, metadata={
+        "step": run.step, "objective": tc.objective, "tokens_seen": run.tokens_seen, "val_loss": run.val.get("loss"),
+        "val_bits_per_token": run.val.get("bits_per_token"), "config": run.cfg.to_dict()})
+    return export
+
+
+def _check_run(cfg: RunConfig, mesh, workdir: Path) -> None:
+    """Refuse settings that cannot run, before any work."""
+    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % n_batch_shards or cfg.data.batch_size % jax.process_count():
+        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh's data*fsdp size "
+                          f"({n_batch_shards}) and the process count ({jax.process_count()})")
+    tc = cfg.train
+    if tc.init_from and not Path(tc.init_from).exists() and not rundir.has_checkpoint(workdir):
+        raise ConfigError(f"train.init_from={tc.init_from!r} does not exist; set it to a model directory "
+                          "(a save_pretrained export or a Hugging Face checkpoint), or to null for a random init")
 
 
 def train(
-    cfg: Config,
+    cfg: RunConfig,
     workdir: str | Path,
     *,
     train_data: Iterable | None = None,
@@ -487,278 +592,44 @@ def train(
     tokenizer=None,
     hooks: Hooks | None = None,
     devices=None,
-    objective: Callable | None = None,
+    objective: Objective | None = None,
 ) -> TrainResult:
     """Train (or resume) the run of `cfg` in `workdir`.
 
     train_data: an iterable of this process's micro-batches {"tokens", "segment_ids": int32[B_local, L]} whose
     iterator has get_state()/set_state() (a grain IterDataset); default: `build_data(cfg)`. val_batches: fixed
-    validation micro-batches (default: from `build_data`). objective: a custom `f(model, batch, rng) -> (loss,
-    metrics)` replacing train.objective's (calibration; its `name` attribute, if any, is recorded in the
-    checkpoints so a run is never resumed with another loss). Returns a TrainResult; raises TrainingDiverged on a
-    non-finite loss and ConfigError / TrainingError on bad input, before any work where possible.
+    validation micro-batches (default: from `build_data`). objective: an `Objective` replacing train.objective's
+    (calibration; its name is recorded in the checkpoints so a run is never resumed with another loss). Returns a
+    TrainResult; raises TrainingDiverged on a non-finite loss and ConfigError / TrainingError on bad input, before
+    any work where possible.
     """
-    import orbax.checkpoint as ocp
-
     validate(cfg)  # seq_len vs max_seq_len etc., before any work
-    hooks = hooks or Hooks()
-    tc, cc = cfg.train, cfg.checkpoint
     workdir = Path(workdir)
     mesh = shd.make_mesh(cfg.mesh, devices)
-    n_batch_shards = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.data.batch_size % n_batch_shards or cfg.data.batch_size % jax.process_count():
-        raise ConfigError(f"data.batch_size={cfg.data.batch_size} must be divisible by the mesh's data*fsdp size "
-                          f"({n_batch_shards}) and the process count ({jax.process_count()})")
-    if tc.init_from and not Path(tc.init_from).exists() and not _has_checkpoint(workdir):
-        raise ConfigError(f"train.init_from={tc.init_from!r} does not exist; set it to a model directory "
-                          "(a save_pretrained export or a Hugging Face checkpoint), or to null for a random init")
+    _check_run(cfg, mesh, workdir)
     if train_data is None:
         train_data, default_val = build_data(cfg, tokenizer)
         val_batches = default_val if val_batches is None else val_batches
-    val_batches = val_batches or []
-
     workdir.mkdir(parents=True, exist_ok=True)
     primary = jax.process_index() == 0
-    with _WorkdirLock(workdir, enabled=primary), _StopOnSignal() as stop:
+    with rundir.WorkdirLock(workdir, enabled=primary), rundir.StopOnSignal() as stop:
         if primary:
-            save_config(cfg, workdir / CONFIG_FILE)
-        prog = programs(cfg, mesh, objective)
-        graphdef, shapes, st_sh = prog.graphdef, prog.shapes, prog.state_sh
-        batch_sh, val_sh = prog.batch_sh, prog.val_sh
-        step_fn, eval_fn = prog.train_step, prog.eval_step
-
-        mngr = _checkpoint_manager(workdir, cfg, cleanup=True)
-        it = iter(train_data)
-        obj_name = getattr(objective, "name", tc.objective) if objective is not None else tc.objective
-        meta = {"model": cfg.model.to_dict(), "objective": obj_name, "seq_len": cfg.data.seq_len}
-        frozen = None
-        if tc.lora_rank > 0:  # LoRA: the base is loaded (fresh start and resume alike) and stays frozen
-            meta["lora"] = {"rank": tc.lora_rank, "alpha": tc.lora_alpha, "targets": list(tc.lora_targets),
-                            "base": str(tc.init_from)}
-            frozen = jax.device_put(_load_init(cfg, tc.init_from), prog.frozen_sh)
-        # the step's trailing inputs: the LoRA base (or None), then the objective's own input when it has one
-        extra = (frozen,) if prog.aux_sh is None else (
-            frozen, jax.device_put(nnx.to_pure_dict(objective.aux), prog.aux_sh))
-        start = mngr.latest_step()
-        if start is not None:
-            where = workdir / CHECKPOINT_DIR / str(start)
-            try:  # the metadata first: a checkpoint of another model gets a clear message, not a tree diff
-                old = mngr.restore(start, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta or {}
-            except Exception as e:  # noqa: BLE001 - orbax raises assorted types on damaged checkpoints
-                mngr.close()
-                raise TrainingError(f"cannot read the checkpoint {where} ({type(e).__name__}: {str(e)[:200]}); "
-                                    "delete it to resume from the previous one, or use another --workdir") from None
-            if old.get("lora") != meta.get("lora"):
-                mngr.close()
-                raise TrainingError(f"work dir {str(workdir)!r} holds a checkpoint with LoRA settings "
-                                    f"{old.get('lora')} but this run has {meta.get('lora')}; use another --workdir, "
-                                    "or restore the settings it was started with")
-            if old.get("model") != meta["model"] or old.get("objective") != meta["objective"]:
-                mngr.close()
-                diff = sorted(k for k in meta["model"] if (old.get("model") or {}).get(k) != meta["model"][k])
-                what = f"model keys {', '.join(diff)} differ" if diff else \
-                    f"objective {old.get('objective')!r} != {meta['objective']!r}"
-                raise TrainingError(f"work dir {str(workdir)!r} holds a checkpoint of another run ({what}); use "
-                                    "another --workdir, or delete its checkpoints/ to start over")
-            try:
-                r = mngr.restore(start, args=ocp.args.Composite(
-                    state=ocp.args.StandardRestore(_abstract_target(shapes, st_sh)),
-                    data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore()))
-            except Exception as e:  # noqa: BLE001
-                mngr.close()
-                raise TrainingError(f"cannot restore the checkpoint {where} ({type(e).__name__}: {str(e)[:200]}); "
-                                    "delete it to resume from the previous one, or use another --workdir") from None
-            state = r.state
-            if r.data is not None:
-                it.set_state(r.data)
-            tokens_seen = int(r.meta.get("tokens_seen", 0))
-            print(f"resuming from {workdir / CHECKPOINT_DIR / str(start)} at step {start}", flush=True)
-        else:
-            params = None
-            if tc.init_from and frozen is None:
-                params = _load_init(cfg, tc.init_from)
-            state = prog.init(params) if params is not None else prog.init()
-            tokens_seen = 0
-        start = int(state["step"])
-
-        in_flight: list[int | None] = [None]  # step of the (asynchronous) save not yet known to be complete
-        writers: list[set] = [set()]  # threads alive before that save started
-
-        def commit_wait() -> None:
-            """Wait for the save in flight; a failed one (full disk, ...) stops the run, naming what is intact."""
-            try:
-                mngr.wait_until_finished()
-            except Exception as e:  # noqa: BLE001 - orbax re-raises the writer thread's error as is
-                # orbax reports the first failed item while the others may still be writing: let them end, so
-                # that nothing writes into the partial checkpoint after the error (or races a resume's cleanup)
-                _join_threads_since(writers[0], timeout=30.0)
-                raise _save_failed(workdir, mngr, in_flight[0], e) from None
-            in_flight[0] = None
-
-        def save(step: int) -> str:
-            commit_wait()  # orbax would wait inside save(); here an earlier failure is named by its own step
-            in_flight[0], writers[0] = step, set(threading.enumerate())
-            m = {**meta, "step": step, "tokens_seen": tokens_seen, "time": time.time()}
-            try:
-                mngr.save(step, args=ocp.args.Composite(
-                    state=ocp.args.StandardSave(state), data=ocp.args.JsonSave(it.get_state()),
-                    meta=ocp.args.JsonSave(m)), force=True)
-            except Exception as e:  # noqa: BLE001
-                _join_threads_since(writers[0], timeout=30.0)
-                raise _save_failed(workdir, mngr, step, e) from None
-            return str(workdir / CHECKPOINT_DIR / str(step))
-
-        val_dev = [_to_global(b, val_sh) for b in val_batches]
-        val_rng = jax.random.PRNGKey(tc.seed + 2)
-
-        def evaluate() -> dict:
-            tot, n = 0.0, 0
-            for i, b in enumerate(val_dev):
-                s, c = eval_fn(state["params"], b, jax.random.fold_in(val_rng, i), *extra)
-                tot += float(s)
-                n += int(c)
-            loss = tot / max(n, 1)
-            return {"loss": loss, "bits_per_token": loss / math.log(2), "tokens": n}
-
-        log = _MetricsLog(workdir, enabled=jax.process_index() == 0)
-        bar = None
-        if tc.progress_bar and jax.process_index() == 0:
-            from tqdm import tqdm
-
-            bar = tqdm(total=tc.steps, initial=start, desc=f"train {tc.objective}", dynamic_ncols=True)
-        tokens_per_step = tc.grad_accum * cfg.data.batch_size * cfg.data.seq_len
-        losses: dict[int, float] = {}
-        val: dict[str, float] = {}
-        last_ckpt = str(workdir / CHECKPOINT_DIR / str(start)) if mngr.latest_step() is not None else None
-        status, step = "completed", start
-        # Throughput over the steps since the last log record; the first step of an invocation (compilation) and
-        # evaluation time are left out.
-        t_last, tok_rate, win_tokens, win_time = time.perf_counter(), 0.0, 0, 0.0
+            save_config(cfg, workdir / rundir.CONFIG_FILE)
+        run = _Run(cfg, workdir, programs(cfg, mesh, objective), train_data, val_batches or [], objective)
+        step_hooks = _step_hooks(run, hooks or Hooks(), stop)
         try:
-            while step < tc.steps:
-                micro = []
-                for _ in range(tc.grad_accum):
-                    try:
-                        micro.append(next(it))
-                    except StopIteration:
-                        raise TrainingError("the training data ran out; use num_epochs=None (repeat) for the "
-                                            "training stream") from None
-                batch = {k: np.stack([np.asarray(m[k]) for m in micro]) for k in ("tokens", "segment_ids")}
-                if batch["tokens"].shape[-1] != cfg.data.seq_len:
-                    raise ConfigError(f"training batches have length {batch['tokens'].shape[-1]} but "
-                                      f"data.seq_len={cfg.data.seq_len}")
-                state, metrics = step_fn(state, _to_global(batch, batch_sh), *extra)
-                step += 1
-                tokens_seen += tokens_per_step
-                mvals = {k: float(v) for k, v in metrics.items()}
-                if not (math.isfinite(mvals["loss"]) and math.isfinite(mvals["grad_norm"])):
-                    what = "loss" if not math.isfinite(mvals["loss"]) else "gradient norm"
-                    good = mngr.latest_step()
-                    where = (f"the last good checkpoint is {workdir / CHECKPOINT_DIR / str(good)} (step {good}), kept"
-                             if good is not None else "no checkpoint was saved before it")
-                    raise TrainingDiverged(
-                        f"training diverged: {what} is {mvals['loss'] if what == 'loss' else mvals['grad_norm']} at "
-                        f"step {step}; {where}. Lower train.lr or raise train.warmup_steps, then resume or restart")
-                losses[step] = mvals["loss"]
-                now = time.perf_counter()
-                dt, t_last = now - t_last, now
-                if step > start + 1:
-                    win_tokens, win_time = win_tokens + tokens_per_step, win_time + dt
-                    tok_rate = win_tokens / win_time
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{mvals['loss']:.4f}", tok_s=f"{tok_rate:,.0f}", refresh=False)
-                if step % tc.log_every == 0 or step == tc.steps:
-                    n_win = win_tokens // tokens_per_step
-                    timing = {"tokens_per_s": win_tokens / win_time, "step_time": win_time / n_win} if n_win else {}
-                    log.write(step, {**mvals, **timing, "tokens_seen": tokens_seen}, "")
-                    win_tokens, win_time = 0, 0.0
-                if val_dev and (step % tc.eval_every == 0 or step == tc.steps):
-                    val = evaluate()
-                    log.write(step, val, "val_")
-                    if bar is not None:
-                        bar.write(f"step {step}: val loss {val['loss']:.4f}, {val['bits_per_token']:.4f} bits/token")
-                    t_last = time.perf_counter()  # evaluation time is not training throughput
-                if hooks.on_step_end is not None:
-                    hooks.on_step_end(step, mvals)
-                if stop.signum is not None:
-                    last_ckpt = save(step)
-                    status = "interrupted"
-                    name = signal.Signals(stop.signum).name
-                    msg = f"{name} received: saved {last_ckpt} at step {step}; rerun the same command to resume"
-                    (bar.write if bar is not None else print)(msg)
-                    break
-                if step % cc.save_every == 0 and step < tc.steps:
-                    last_ckpt = save(step)
-            if status == "completed" and mngr.latest_step() != step:
-                last_ckpt = save(step)
-            if status == "completed" and val_dev and not val:  # resumed a finished run: report it anyway
-                val = evaluate()
-            commit_wait()
+            while run.step < cfg.train.steps and run.status == "running":
+                metrics = run.train_step()
+                for hook in step_hooks:
+                    hook(run, metrics)
+            run.finish()
         finally:
-            if bar is not None:
-                bar.close()
-            log.close()
-            try:
-                mngr.wait_until_finished()
-                mngr.close()
-            except Exception:  # noqa: BLE001 - only reached with an error already on its way (a failed save)
-                pass
-
-        export = None
-        if status == "completed" and cc.export:  # every process: Orbax saves are collective
-            from specdiff_jax.checkpoint import save_pretrained
-
-            export = str(workdir / "export")
-            save_pretrained(nnx.merge(graphdef, _model_params(state["params"], frozen, prog.lora_scale)), export,
-                            metadata={
-                "step": step, "objective": tc.objective, "tokens_seen": tokens_seen,
-                "val_loss": val.get("loss"), "val_bits_per_token": val.get("bits_per_token"),
-                "config": cfg.to_dict()})
-        return TrainResult(status, step, losses, val, last_ckpt, export)
+            run.close()
+        export = _export(run) if run.status == "completed" and cfg.checkpoint.export else None  # every process
+        return TrainResult(run.status, run.step, run.losses, run.val, run.last_ckpt, export)
 
 
-def _has_checkpoint(workdir: Path) -> bool:
-    d = workdir / CHECKPOINT_DIR
-    return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
-
-
-def _join_threads_since(before: set, timeout: float) -> None:
-    """Wait (at most `timeout` s in all) for the threads started since the snapshot `before` to end."""
-    deadline = time.monotonic() + timeout
-    for t in set(threading.enumerate()) - before:
-        if t is not threading.current_thread():
-            t.join(max(deadline - time.monotonic(), 0.0))
-
-
-def _save_failed(workdir: Path, mngr, failed: int | None, e: BaseException) -> TrainingError:
-    """The error of a checkpoint save that failed: its cause (a full disk is named as such) and what is intact."""
-    import errno
-
-    cause, seen = e, set()
-    while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    full = isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, errno.EDQUOT)
-    shown = cause if isinstance(cause, OSError) else e
-    try:
-        good = mngr.latest_step()
-    except Exception:  # noqa: BLE001
-        good = None
-    if good == failed:  # pragma: no cover - the manager lists only finalized steps
-        good = None
-    intact = (f"the last complete checkpoint, {workdir / CHECKPOINT_DIR / str(good)} (step {good}), is intact"
-              if good is not None else "no complete checkpoint was saved before it")
-    fix = "free disk space (or lower checkpoint.keep)" if full else "fix the cause"
-    return TrainingError(
-        f"saving the checkpoint of step {failed} under {workdir / CHECKPOINT_DIR} failed"
-        f"{' (disk full)' if full else ''}: {type(shown).__name__}: {str(shown)[:300]}; the run stopped and "
-        f"{intact} (the partial one is ignored and removed on resume); {fix}, then rerun the same command to resume")
-
-
-def _load_init(cfg: Config, path: str) -> dict:
-    from specdiff_jax.checkpoint import load_pretrained
-
+def _load_init(cfg: RunConfig, path: str) -> dict:
     m = load_pretrained(path)
     if m.cfg != cfg.model:
         diff = {k: (v, getattr(cfg.model, k)) for k, v in m.cfg.to_dict().items() if getattr(cfg.model, k) != v}
@@ -768,29 +639,3 @@ def _load_init(cfg: Config, path: str) -> dict:
             raise ConfigError(f"train.init_from={path!r} is a model of another shape ({ {k: diff[k] for k in set(diff) & shape_keys} } "
                               "as (checkpoint, config)); make the model config match it")
     return nnx.to_pure_dict(nnx.state(m, nnx.Param))
-
-
-def run_program(body: Callable[[], Any]) -> tuple[int | None, Any]:
-    """Run the body of a training program (train.pretrain, train.calibrate) with one-line errors.
-
-    Returns (exit status, None) when it failed: 2 for inputs a user can fix (config, paths, tokenizer, corpus,
-    checkpoints), 1 for a run that stopped (e.g. a NaN loss); otherwise (None, body's value).
-    """
-    import sys
-
-    from specdiff_jax.checkpoint import CheckpointError
-    from specdiff_jax.data.corpus import CorpusError
-    from specdiff_jax.tokenizer import TokenizerError
-
-    try:
-        return None, body()
-    except (ConfigError, FileNotFoundError, NotADirectoryError, TokenizerError, CorpusError, CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2, None
-    except TrainingError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1, None
-
-
-def interrupted_message(result: "TrainResult") -> str:
-    return f"interrupted at step {result.step}; checkpoint {result.checkpoint}; rerun the same command to resume"

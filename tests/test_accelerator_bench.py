@@ -122,7 +122,7 @@ def test_predictions_and_flops():
     assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("cpu") is None
     assert peak_flops("TPU v5 lite") == 197e12 and peak_flops("TPU v5p") == peak_flops("TPU v5") == 459e12
 
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
 
     m = load_config(None, list(ab.FULL.train_overrides)).model
     assert 1.0e9 < m.num_params() < 1.3e9  # the "~1B" training model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -15,6 +16,7 @@ from specdiff_jax import calibration as C
 from specdiff_jax.checkpoint import fill_model
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.model import Transformer, layout_mask
+from tests.conftest import tiny_config
 
 MASK = 3
 
@@ -127,11 +129,8 @@ def test_acceptance_stats():
 # windows: exactly the inference computation
 # ------------------------------------------------------------------------------------------------------
 V = 64
-DCFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                   intermediate_size=64, max_seq_len=64, attention="block_causal", mask_token_id=MASK, block_size=4,
-                   eos_token_id=2, pad_token_id=0)
-VCFG = ModelConfig(vocab_size=V, hidden_size=32, num_layers=2, num_heads=2, num_kv_heads=1, head_dim=16,
-                   intermediate_size=64, max_seq_len=64, eos_token_id=2, pad_token_id=0)
+VCFG = tiny_config(vocab_size=V, num_layers=2, eos_token_id=2, pad_token_id=0)
+DCFG = dataclasses.replace(VCFG, attention="block_causal", mask_token_id=MASK, block_size=4)
 
 
 def tiny(cfg: ModelConfig, seed: int, std: float = 0.1) -> Transformer:
@@ -234,7 +233,7 @@ def test_every_loss_is_finite_with_gradients_on_a_tiny_model():
 
 
 def test_kd_teacher_is_an_input_of_the_train_step_not_a_constant():
-    """kd_* objectives hand the verifier's parameters to the jitted step as an argument (objective.aux): one
+    """kd_* objectives hand the verifier's parameters to the jitted step as an argument (Objective.inputs): one
     compiled step serves any teacher of that shape, and each teacher gives its own closed-form-free reference
     loss (calibration_loss with that verifier). A teacher closed over as constants could not be swapped at all."""
     import optax
@@ -245,7 +244,7 @@ def test_kd_teacher_is_an_input_of_the_train_step_not_a_constant():
     tok, seg = _batch()
     s = C.Settings(loss="kd_window", gamma=4, stride=2, windows=8, num_sampleable=V, mask_id=MASK)
     obj = C.make_objective(s, v1)
-    assert C.make_objective(C.Settings(loss="streak", gamma=4, windows=8), v1).__dict__.get("aux") is None
+    assert C.make_objective(C.Settings(loss="streak", gamma=4, windows=8), v1).inputs is None
     gd, st = nnx.split(d)
     params = nnx.to_pure_dict(st)
     tx = optax.sgd(0.0)
@@ -314,7 +313,7 @@ def _args(tmp, run: str, *extra: str) -> list[str]:
 def test_calibration_steps_raise_the_expected_streak_on_training_windows(calib_setup):
     import json
 
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
     from specdiff_jax.data import verifier_data as vd
     from train import calibrate
 
@@ -385,7 +384,7 @@ def test_paired_bootstrap_interval_covers_the_true_ratio_at_its_level():
 
 def test_lora_calibration_raises_the_expected_streak(calib_setup):
     """calibrate with train.lora_rank > 0: adapters only, base frozen; the export is an ordinary merged drafter."""
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
     from specdiff_jax.data import verifier_data as vd
     from train import calibrate
 

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from specdiff_jax.config import ConfigError, ModelConfig
-from specdiff_jax.configs import (
-    DEFAULTS_PATH, SECTIONS, TOKENIZER_FIELDS, Config, load_config, save_config, valid_keys,
+from specdiff_jax.config.run import (
+    DEFAULTS_PATH, SECTIONS, TOKENIZER_FIELDS, RunConfig, load_config, save_config, valid_keys,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -135,7 +135,7 @@ def test_tokenizer_placeholders_and_round_trip(tmp_path):
         (300, 3, 2, 0)
     save_config(cfg, tmp_path / "config.yaml")
     assert load_config(tmp_path / "config.yaml") == cfg
-    assert isinstance(cfg, Config)
+    assert isinstance(cfg, RunConfig)
     with pytest.raises(ConfigError, match=r"model\.vocab_size.*read from the tokenizer, but "
                                           r"data\.tokenizer='/nonexistent' could not be loaded"):
         load_config(None, ["data.tokenizer=/nonexistent"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from specdiff_jax import dryrun, sharding as shd, training
-from specdiff_jax.configs import load_config
+from specdiff_jax.config.run import load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = sorted(p.stem for p in (ROOT / "configs" / "pairs").glob("*.yaml"))

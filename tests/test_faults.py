@@ -28,9 +28,10 @@ import numpy as np
 import pytest
 
 from specdiff_jax import training
-from specdiff_jax.configs import load_config
-from specdiff_jax.training import Hooks, TrainingDiverged, TrainingError, restore_checkpoint, run_program, train
-from tests.test_training import B, V, dataset, make_rows, ov
+from specdiff_jax.config.run import load_config
+from specdiff_jax.cli import run_program
+from specdiff_jax.training import Hooks, TrainingDiverged, TrainingError, restore_checkpoint, train
+from tests.conftest import B, V, dataset, make_rows, ov
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS = 6

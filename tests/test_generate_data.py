@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from specdiff_jax.data import verifier_data as vd
+from tests.conftest import tiny_config
 from train import generate_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -21,7 +22,6 @@ def setup(tmp_path_factory):
     from flax import nnx
 
     from specdiff_jax.checkpoint import save_pretrained
-    from specdiff_jax.config import ModelConfig
     from specdiff_jax.data.corpus import prepare_corpus
     from specdiff_jax.model import Transformer
     from specdiff_jax.tokenizer import load_tokenizer
@@ -35,9 +35,7 @@ def setup(tmp_path_factory):
         (src / f"module_{i}.py").write_text(body)
     prepare_corpus(str(tmp / "corpus"), [str(src)], val_fraction=0.2)
     tok = load_tokenizer(ROOT / "assets" / "tiny")
-    cfg = ModelConfig(vocab_size=tok.vocab_size, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-                      head_dim=16, intermediate_size=64, max_seq_len=64, eos_token_id=tok.eos_id,
-                      pad_token_id=tok.pad_id)
+    cfg = tiny_config(vocab_size=tok.vocab_size, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
     gd, _ = nnx.split(nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0))))
     st = jax.jit(lambda: nnx.split(Transformer(cfg, rngs=nnx.Rngs(0)))[1])()
     save_pretrained(nnx.merge(gd, st), tmp / "verifier")
@@ -126,7 +124,7 @@ def test_sample_prompts_skips_planted_overlaps():
     tok = load_tokenizer(ROOT / "assets" / "tiny")
     files = [{"text": "\n".join(f"value_{i}_{k} = compute({i}, {k})" for k in range(30)), "path": f"f{i}.py"}
              for i in range(6)]
-    evals = vd.EvalSet([(f"planted {i}", vd._normalise(files[i]["text"])) for i in (0, 2, 4)], [])
+    evals = vd.EvalSet([(f"planted {i}", vd.corpus.normalise(files[i]["text"])) for i in (0, 2, 4)], [])
     prompts, counts = vd.sample_prompts(files, tok, evals, num_prompts=20, prompt_tokens=12, seed=3)
     assert counts["skipped_overlap"] > 0
     assert {p.source for p in prompts} <= {"f1.py", "f3.py", "f5.py"}

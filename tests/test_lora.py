@@ -14,9 +14,9 @@ from flax import nnx
 
 from specdiff_jax import lora
 from specdiff_jax.config import ConfigError
-from specdiff_jax.configs import load_config
+from specdiff_jax.config.run import load_config
 from specdiff_jax.training import Hooks, TrainingError, restore_checkpoint, train
-from tests.test_training import dataset, make_rows, ov, val_batches
+from tests.conftest import dataset, make_rows, ov, val_batches
 
 RANK, ALPHA = 2, 4.0
 
@@ -101,7 +101,7 @@ def test_lora_trains_only_the_adapters(lora_runs):
 
 def test_lora_export_is_the_merged_model(lora_runs):
     cfg, base_dir, _, full_dir, _, _, _ = lora_runs
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
 
     base = nnx.to_pure_dict(nnx.state(load_pretrained(base_dir / "export"), nnx.Param))
     exp = nnx.to_pure_dict(nnx.state(load_pretrained(full_dir / "export"), nnx.Param))

@@ -15,10 +15,10 @@ from flax import nnx
 from flax.nnx import traversals
 
 from specdiff_jax import ConfigError, KVCache, ModelConfig, Transformer
+from tests.conftest import tiny_config
 
 TOL = 1e-5
-CFG = ModelConfig(vocab_size=64, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8,
-                  intermediate_size=64, max_seq_len=64)
+CFG = tiny_config(num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8)
 DRAFTER = dataclasses.replace(CFG, attention="block_causal", block_size=4, mask_token_id=63)
 
 

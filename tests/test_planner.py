@@ -139,7 +139,7 @@ def test_cost_model_cache_is_keyed_by_device_and_model(models, tmp_path, monkeyp
 
 
 def test_analytic_cost_model():
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
 
     q7 = load_config("configs/models/qwen2.5-7b.yaml").model
     cm = cost.analytic(q7, {"bidir": load_config("configs/models/dream-7b.yaml").model}, accelerator="h200")

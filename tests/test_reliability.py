@@ -23,6 +23,7 @@ pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptio
 from specdiff_jax.checkpoint import save_pretrained
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.model import Transformer
+from tests.conftest import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parent.parent
 BINARY = bytes(range(256)) * 4  # not UTF-8: 0x80.. bytes, NUL, ...
@@ -38,8 +39,7 @@ def w(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("reliability")
     texts = [f.read_text(encoding="utf-8") for f in sorted(Path(json.__file__).parent.glob("*.py"))]
     tok = train_tokenizer(texts, tmp / "tok", vocab_size=512)
-    base = dict(vocab_size=512, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                intermediate_size=64, max_seq_len=64, eos_token_id=tok.eos_id, pad_token_id=tok.pad_id)
+    base = {**TINY_MODEL, "vocab_size": 512, "eos_token_id": tok.eos_id, "pad_token_id": tok.pad_id}
     models = {
         "verifier": ModelConfig(**base),
         "drafter": ModelConfig(**base, attention="block_causal", mask_token_id=tok.mask_id, block_size=4),
@@ -145,7 +145,7 @@ def test_pretrain_bad_input(w, capsys):
     assert "binary.bin' is not UTF-8 text" in line
     assert not wd.exists()
     # a tokenizer with more ids than the model's vocabulary
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
 
     cfg = load_config(None, [f"data.tokenizer={w['tok']}", "model.vocab_size=256", "data.seq_len=32",
                              "model.max_seq_len=64"])
@@ -164,7 +164,7 @@ def test_pretrain_bad_input(w, capsys):
     ("missing", "does not exist; set generate.verifier"),
     ("truncated", "truncated or corrupted"),
     ("binary_config", "model_config.json' is not UTF-8 JSON"),
-    ("not_causal", "is a block_causal model; the verifier must be causal"),
+    ("not_causal", "is a block_causal model; the verifier must be a causal LM"),
     ("small_vocab", "the tokenizer has 512 ids but the verifier"),
     ("capacity", "generate.prompt_tokens + generate.max_new_tokens = 80 exceeds the verifier's max_seq_len=64"),
     ("temperature", "generate.temperature=-1.0 is invalid: must be >= 0"),
@@ -232,7 +232,7 @@ def test_generate_data_prompts_file_bad_input(w, tmp_path):
     ("init_truncated", "truncated or corrupted"),
     ("init_causal", "calibration needs a block_causal diffusion drafter"),
     ("verifier_missing", "does not exist; set it to the verifier's model directory"),
-    ("verifier_not_causal", "is block_causal; the verifier must be a causal LM"),
+    ("verifier_not_causal", "is a block_causal model; the verifier must be a causal LM"),
     ("verifier_vocab", "drafter/verifier vocabulary mismatch: the drafter samples 512 ids, the verifier 600"),
     ("data_missing", "no verifier-completions dataset under"),
     ("capacity", "the generated rows have 100 tokens but the drafter's max_seq_len is 64"),

@@ -18,7 +18,7 @@ import pytest
 
 from specdiff_jax import distributed
 from specdiff_jax.config import ConfigError
-from specdiff_jax.configs import MeshConfig, load_config
+from specdiff_jax.config.run import MeshConfig, load_config
 from specdiff_jax.data import pipeline
 from specdiff_jax.data.sharded import ShardedStream
 from specdiff_jax.sharding import abstract_mesh, mesh_shape, mesh_shapes
@@ -123,7 +123,7 @@ _EQUIV = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_scaleout import TINY, B
     from specdiff_jax.config import ModelConfig
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
     from specdiff_jax.decode import generate
     from specdiff_jax.model import Transformer
     from specdiff_jax import sharding as shd
@@ -209,7 +209,7 @@ _WORKER = textwrap.dedent("""
     sys.path.insert(0, {tests!r})
     from test_scaleout import TINY, stream, Recorder
     from specdiff_jax import distributed
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
     pid = int(sys.argv[1])
     cfg = load_config(None, [*TINY, *{extra!r}, "mesh.coordinator_address=127.0.0.1:{port}", "mesh.num_processes=2",
                              "mesh.process_id=%d" % pid])

@@ -12,7 +12,6 @@ import sys
 import textwrap
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -21,64 +20,15 @@ from flax import nnx
 from jax.sharding import AbstractMesh, PartitionSpec as P
 
 from specdiff_jax import objectives
-from specdiff_jax.config import ConfigError, ModelConfig
-from specdiff_jax.configs import MeshConfig, load_config
+from specdiff_jax.config import ConfigError
+from specdiff_jax.config.run import MeshConfig, load_config
 from specdiff_jax.model import Transformer
 from specdiff_jax.sharding import logical_to_spec, mesh_shape
 from specdiff_jax.training import Hooks, TrainingDiverged, TrainingError, restore_checkpoint, train
+from tests.conftest import (B, DRAFTER, L, MASK, POISON, TINY, TINY_MODEL, dataset, make_rows, ov, records,
+                            tiny_config, val_batches)
 
 ROOT = Path(__file__).resolve().parent.parent
-B, L, V = 4, 32, 256
-MASK, POISON = 3, 255
-
-TINY = [
-    f"model.vocab_size={V}", "model.hidden_size=32", "model.num_layers=1", "model.num_heads=2",
-    "model.num_kv_heads=1", "model.head_dim=16", "model.intermediate_size=64", "model.max_seq_len=64",
-    "model.eos_token_id=1", "model.pad_token_id=0",
-    f"data.seq_len={L}", f"data.batch_size={B}", "data.val_batches=2",
-    "train.steps=6", "train.warmup_steps=2", "train.lr=3e-3", "train.log_every=1", "train.eval_every=3",
-    "train.progress_bar=false", "checkpoint.save_every=2", "checkpoint.keep=2",
-]
-
-
-def ov(*extra: str) -> list[str]:
-    """TINY with some keys replaced (the command line refuses a key given twice)."""
-    d = dict(x.split("=", 1) for x in TINY)
-    d.update(x.split("=", 1) for x in extra)
-    return [f"{k}={v}" for k, v in d.items()]
-
-
-DRAFTER = ["model.attention=block_causal", f"model.mask_token_id={MASK}", "model.block_size=8",
-           "train.objective=mdlm"]
-
-
-def make_rows(n=48, seed=0):
-    """Packed rows with two documents each and a little padding; a learnable pattern (odd = even + 1)."""
-    r = np.random.default_rng(seed)
-    toks = r.integers(4, V - 2, (n, L)).astype(np.int32)  # < POISON, also after +1
-    toks[:, 1::2] = toks[:, 0::2] + 1
-    seg = np.ones((n, L), np.int32)
-    seg[:, L // 2:] = 2
-    seg[:, L - 3:] = 0
-    toks[:, L - 3:] = 0
-    return toks, seg
-
-
-def dataset(toks, seg, shuffle=True):
-    rows = [{"tokens": toks[i], "segment_ids": seg[i]} for i in range(len(toks))]
-    ds = grain.MapDataset.source(rows)
-    if shuffle:
-        ds = ds.shuffle(seed=7)
-    return ds.repeat(None).batch(B).to_iter_dataset()
-
-
-def val_batches():
-    toks, seg = make_rows(2 * B, seed=99)
-    return [{"tokens": toks[i:i + B], "segment_ids": seg[i:i + B]} for i in range(0, 2 * B, B)]
-
-
-def records(workdir):
-    return [json.loads(line) for line in (Path(workdir) / "metrics.jsonl").read_text().splitlines()]
 
 
 # --- exact resume -------------------------------------------------------------------------------------
@@ -139,7 +89,7 @@ def test_outputs_of_a_run(resumed):
     # the resolved config round-trips
     assert load_config(full_dir / "config.yaml") == cfg
     # the export loads and equals the final parameters
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
 
     m = load_pretrained(full_dir / "export")
     assert m.cfg == cfg.model
@@ -181,7 +131,7 @@ _CHILD = textwrap.dedent("""
     import jax, numpy as np
     sys.path.insert(0, {tests!r})
     import test_training as t
-    from specdiff_jax.configs import load_config
+    from specdiff_jax.config.run import load_config
     from specdiff_jax.training import train
     assert jax.device_count() == 8
     cfg = load_config(None, t.ov("train.steps=2", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2",
@@ -271,9 +221,7 @@ def test_busy_workdir_refused(tmp_path):
 
 
 def _drafter_cfg(**kw):
-    base = dict(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                intermediate_size=64, attention="block_causal", mask_token_id=63, block_size=4, max_seq_len=64)
-    return ModelConfig(**{**base, **kw})
+    return tiny_config(**{"attention": "block_causal", "mask_token_id": 63, "block_size": 4, **kw})
 
 
 def test_mdlm_loss_closed_form():
@@ -365,8 +313,7 @@ def test_mdlm_two_stream_equals_inference_layout():
 
 
 def test_ar_document_masking_equals_separate_documents():
-    cfg = ModelConfig(vocab_size=64, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=16,
-                      intermediate_size=64)
+    cfg = tiny_config()
     g, state = nnx.split(Transformer(cfg, rngs=nnx.Rngs(3)))
     a = jax.random.randint(jax.random.PRNGKey(0), (1, 8), 0, 64)
     b = jax.random.randint(jax.random.PRNGKey(1), (1, 8), 0, 64)
@@ -385,7 +332,7 @@ def test_ar_document_masking_equals_separate_documents():
 
 
 def test_gradient_accumulation_equals_one_big_batch():
-    from specdiff_jax.configs import TrainConfig
+    from specdiff_jax.config.run import TrainConfig
     from specdiff_jax.training import lr_schedule, make_optimizer, make_train_step
 
     cfg = _drafter_cfg(attention="causal", mask_token_id=None)
@@ -394,8 +341,8 @@ def test_gradient_accumulation_equals_one_big_batch():
     params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
     tc = TrainConfig(steps=10, warmup_steps=0, lr=1e-2)
     tx = make_optimizer(tc)
-    step = jax.jit(make_train_step(g, functools.partial(objectives.ar_loss, document_masking=True), tx,
-                                   lr_schedule(tc)))
+    ar = objectives.Objective("ar", functools.partial(objectives.ar_loss, document_masking=True))
+    step = jax.jit(make_train_step(g, ar, tx, lr_schedule(tc)))
     state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
     toks, seg = make_rows(4)  # every row has the same number of targets: the mean of means is the mean
     toks = toks % 64
@@ -431,10 +378,9 @@ def test_logical_specs_and_divisibility_fallback():
 
 # --- the command-line program -------------------------------------------------------------------------
 
-CLI_TINY = ["model.hidden_size=32", "model.num_layers=1", "model.num_heads=2", "model.num_kv_heads=1",
-            "model.head_dim=16", "model.intermediate_size=64", "model.max_seq_len=64", "data.seq_len=32",
-            "data.batch_size=2", "train.steps=2", "train.warmup_steps=1", "train.progress_bar=false",
-            "train.eval_every=2", "checkpoint.save_every=2"]
+CLI_TINY = [f"model.{k}={v}" for k, v in TINY_MODEL.items() if k != "vocab_size"] + [
+    "data.seq_len=32", "data.batch_size=2", "train.steps=2", "train.warmup_steps=1", "train.progress_bar=false",
+    "train.eval_every=2", "checkpoint.save_every=2"]
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -459,7 +405,7 @@ def test_cli_bad_input_exits_2_with_one_line(argv, expected, tmp_path, capsys, m
 
 def test_cli_trains_a_drafter_end_to_end_on_a_fresh_corpus(tmp_path, capsys, monkeypatch):
     """Corpus prepared on first use, real tokenizer and Grain pipeline, mdlm objective, export."""
-    from specdiff_jax.checkpoint import load_pretrained
+    from specdiff_jax import load_pretrained
     from train.pretrain import main
 
     src = tmp_path / "src"

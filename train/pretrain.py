@@ -13,6 +13,13 @@ from __future__ import annotations
 import argparse
 import sys
 
+from specdiff_jax.cli import fail, interrupted_message, run_program
+from specdiff_jax.config import ConfigError
+from specdiff_jax.config.run import load_config, to_yaml
+from specdiff_jax.distributed import initialize
+from specdiff_jax.dryrun import run as dry_run
+from specdiff_jax.training import train
+
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m train.pretrain", description=__doc__.split("\n\n")[0])
@@ -27,32 +34,20 @@ def parse_args(argv=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    from specdiff_jax.config import ConfigError
-    from specdiff_jax.configs import load_config, to_yaml
-
     overrides = list(args.overrides) + ([f"workdir={args.workdir}"] if args.workdir is not None else [])
     try:
         cfg = load_config(args.config, overrides)
     except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     if args.print_config:
         print(to_yaml(cfg), end="")
         return 0
     if args.dry_run:
-        from specdiff_jax.dryrun import run as dry_run
-        from specdiff_jax.training import run_program
-
         return run_program(lambda: dry_run(cfg, "train"))[0] or 0
     if not cfg.workdir:
-        print("error: no work dir: pass --workdir DIR (or workdir=DIR)", file=sys.stderr)
-        return 2
-
-    from specdiff_jax.training import interrupted_message, run_program, train
+        return fail("no work dir: pass --workdir DIR (or workdir=DIR)")
 
     def body():
-        from specdiff_jax.distributed import initialize
-
         initialize(cfg.mesh)  # multi-process jobs (config keys or JAX_* environment); before any device use
         return train(cfg, cfg.workdir)
 

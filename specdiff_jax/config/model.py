@@ -8,8 +8,15 @@ import json
 from pathlib import Path
 from typing import Any, Literal
 
+import jax.numpy as jnp
+
 ATTENTION_LAYOUTS = ("causal", "bidirectional", "block_causal")
 DTYPES = ("float32", "bfloat16")
+
+
+def jax_dtype(name: str):
+    """The array dtype of a config dtype name ("float32" | "bfloat16"); numpy takes it too (`np.dtype(...)`)."""
+    return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
 
 
 class ConfigError(ValueError):
@@ -124,3 +131,19 @@ class ModelConfig:
         layer = attn + 3 * d * f + 2 * d
         emb = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         return self.num_layers * layer + emb + d
+
+
+def check_verifier(v: ModelConfig, source: str, *, drafter: ModelConfig | None = None,
+                   tokenizer_vocab: int | None = None) -> None:
+    """ConfigError unless `v` can verify: a causal LM, sharing the drafter's sampleable ids, covering the tokenizer.
+
+    source names where the verifier came from in the message (e.g. "calibrate.verifier='runs/v'").
+    """
+    if v.attention != "causal":
+        raise ConfigError(f"{source} is a {v.attention} model; the verifier must be a causal LM")
+    if drafter is not None and drafter.num_sampleable != v.num_sampleable:
+        raise ConfigError(f"drafter/verifier vocabulary mismatch: the drafter samples {drafter.num_sampleable} ids, "
+                          f"the verifier {v.num_sampleable}; they must share one tokenizer")
+    if tokenizer_vocab is not None and tokenizer_vocab > v.vocab_size:
+        raise ConfigError(f"the tokenizer has {tokenizer_vocab} ids but the verifier {source} only {v.vocab_size}; "
+                          "use the verifier's tokenizer (data.tokenizer)")

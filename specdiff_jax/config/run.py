@@ -27,9 +27,11 @@ from typing import Any, Literal
 
 import yaml
 
-from specdiff_jax.config import ConfigError, ModelConfig
+from specdiff_jax.config.model import ConfigError, ModelConfig
+from specdiff_jax.sharding import DEFAULT_AXIS_RULES
+from specdiff_jax.tokenizer import load_tokenizer
 
-CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS_DIR = Path(__file__).resolve().parents[2] / "configs"
 DEFAULTS_PATH = CONFIGS_DIR / "defaults.yaml"
 FROM_TOKENIZER = "tokenizer"
 TOKENIZER_FIELDS = {
@@ -39,20 +41,7 @@ TOKENIZER_FIELDS = {
     "pad_token_id": "pad_id",
 }
 _INCLUDE_KEYS = ("include", "base")
-
-# MaxText-style logical axis rules: logical name -> mesh axis, tuple of mesh axes, or None (replicated).
-DEFAULT_AXIS_RULES: tuple[tuple[str, Any], ...] = (
-    ("batch", ("data", "fsdp")),
-    ("length", None),
-    ("embed", "fsdp"),
-    ("heads", "tensor"),
-    ("kv_heads", "tensor"),
-    ("mlp", "tensor"),
-    ("vocab", "tensor"),
-    ("norm", None),
-    ("cache_batch", ("data", "fsdp")),
-    ("cache_length", None),
-)
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")  # train.lora_targets
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,7 +77,7 @@ class TrainConfig:
     init_from: str | None = None
     lora_rank: int = 0
     lora_alpha: float = 16.0
-    lora_targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    lora_targets: tuple[str, ...] = LORA_TARGETS
     log_every: int = 10
     eval_every: int = 200
     progress_bar: bool = True
@@ -214,7 +203,7 @@ class BenchConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Config:
+class RunConfig:
     model: ModelConfig
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
@@ -229,7 +218,7 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
-    def replace(self, **sections) -> "Config":
+    def replace(self, **sections) -> "RunConfig":
         return dataclasses.replace(self, **sections)
 
 
@@ -489,7 +478,7 @@ def load_config(
     overrides: list[str] | tuple[str, ...] = (),
     *,
     tokenizer=None,
-) -> Config:
+) -> RunConfig:
     """Read, merge and validate a run configuration.
 
     path: a YAML file (or None for the defaults alone); overrides: `key=value` strings with dotted keys;
@@ -518,7 +507,7 @@ def load_config(
     mesh = MeshConfig(**sections["mesh"])
     ckpt = CheckpointConfig(**sections["checkpoint"])
     model = ModelConfig(**model_kw)
-    cfg = Config(model=model, data=data, train=train, mesh=mesh, checkpoint=ckpt, **top,
+    cfg = RunConfig(model=model, data=data, train=train, mesh=mesh, checkpoint=ckpt, **top,
                  generate=GenerateConfig(**sections["generate"]), calibrate=CalibrateConfig(**sections["calibrate"]),
                  pair=PairConfig(**sections["pair"]), bench=BenchConfig(**sections["bench"]))
     validate(cfg)
@@ -536,10 +525,6 @@ def load_section(name: str, path: str | Path | None, overrides: list[str] | tupl
 
 def _load_tokenizer(path: str, keys: list[str]):
     try:
-        from specdiff_jax.tokenizer import load_tokenizer
-    except ImportError as e:  # pragma: no cover - until the tokenizer module lands
-        raise ConfigError(f"model keys {keys} are set to 'tokenizer' but the tokenizer module is missing: {e}")
-    try:
         return load_tokenizer(path)
     except Exception as e:  # noqa: BLE001 - any failure to read it is the user's path
         raise ConfigError(
@@ -548,7 +533,7 @@ def _load_tokenizer(path: str, keys: list[str]):
             "or set data.tokenizer=<path> (or give the model keys as numbers)") from None
 
 
-def validate(cfg: Config) -> None:
+def validate(cfg: RunConfig) -> None:
     """Cross-field checks; every failure names the key and the fix."""
     m, d, t, c = cfg.model, cfg.data, cfg.train, cfg.checkpoint
 
@@ -591,7 +576,7 @@ def validate(cfg: Config) -> None:
                 "model.attention=block_causal (or train.objective=ar)")
         if m.mask_token_id is None:
             bad("model.mask_token_id", None, "the mdlm objective needs a mask token")
-    if t.objective == "calibrate":  # the model section comes from train.init_from (train/calibrate.py checks it)
+    if t.objective == "calibrate":  # the model section comes from train.init_from (calibration.run.resolve checks it)
         _validate_calibrate(cfg, bad)
     _validate_generate(cfg, bad)
     if t.objective == "ar" and m.attention != "causal":
@@ -611,7 +596,7 @@ def validate(cfg: Config) -> None:
                 bad("mesh.logical_axis_rules", list(rule), f"mesh axis {a!r} is not one of {list(sizes)}")
 
 
-def _validate_scale(cfg: Config, bad) -> None:
+def _validate_scale(cfg: RunConfig, bad) -> None:
     ms, p = cfg.mesh, cfg.pair
     for k in ("dcn_data", "dcn_fsdp", "dcn_tensor"):
         if getattr(ms, k) < 1:
@@ -631,7 +616,7 @@ def _validate_scale(cfg: Config, bad) -> None:
             bad(f"pair.{k}", getattr(p, k), "must be a positive integer")
 
 
-def _validate_generate(cfg: Config, bad) -> None:
+def _validate_generate(cfg: RunConfig, bad) -> None:
     g = cfg.generate
     for key in ("num_prompts", "samples_per_prompt", "prompt_tokens", "max_new_tokens", "batch_size"):
         if getattr(g, key) <= 0:
@@ -646,7 +631,7 @@ def _validate_generate(cfg: Config, bad) -> None:
         bad("generate.validation_fraction", g.validation_fraction, "must be in [0, 1)")
 
 
-def _validate_calibrate(cfg: Config, bad) -> None:
+def _validate_calibrate(cfg: RunConfig, bad) -> None:
     c = cfg.calibrate
     for key in ("stride", "eval_max_new_tokens"):
         if getattr(c, key) <= 0:
@@ -671,10 +656,10 @@ class _Dumper(yaml.SafeDumper):
 _Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
 
 
-def to_yaml(cfg: Config) -> str:
+def to_yaml(cfg: RunConfig) -> str:
     return yaml.dump(cfg.to_dict(), Dumper=_Dumper, sort_keys=False, default_flow_style=False)
 
 
-def save_config(cfg: Config, path: str | Path) -> None:
-    """Write the fully resolved config; `load_config(path)` reads it back to an equal Config."""
-    Path(path).write_text("# Resolved run configuration (written by specdiff_jax.configs)\n" + to_yaml(cfg))
+def save_config(cfg: RunConfig, path: str | Path) -> None:
+    """Write the fully resolved config; `load_config(path)` reads it back to an equal RunConfig."""
+    Path(path).write_text("# Resolved run configuration (written by specdiff_jax.config.run)\n" + to_yaml(cfg))

@@ -1,0 +1,182 @@
+"""Calibration windows (docs/METHOD.md §6): where they are, and the drafter / verifier forwards over them.
+
+Data: sequences `[prompt ; y]` where y is a completion sampled from the verifier (see train/generate_data.py).
+A calibration batch is {"tokens": int32[B, L], "segment_ids": int32[B, L]} with segment id 1 on the prompt,
+2 on the completion (EOS included) and 0 on padding, so it travels through the training loop unchanged.
+
+Windows: at every offset t of the completion (t = prompt_len + k * stride) the drafter sees
+`[prompt ; y_<t ; MASK x gamma]` and is scored on the targets y_t .. y_{t+gamma-1} (positions past the end of the
+sequence are not scored: after EOS nothing is emitted). Our drafters are block_causal with logit_shift False: block
+position j predicts the token at that position, and the prefix keys/values do not depend on the block. So one
+causal forward over the whole sequence gives the keys/values of every prefix, and all windows of a batch are one
+block forward of gamma MASK tokens each against that shared cache, the window's cache length set to t. This is
+exactly the kernel's inference computation (`decode._draft_block`), checked in tests against
+`drafter([x_<t ; MASK x gamma], prefix_len=t)`, at a cost linear in the number of windows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from specdiff_jax.cache import KVCache
+from specdiff_jax.calibration.losses import LOSSES, log_probs, target_logprobs, teacher_probs
+from specdiff_jax.config import ConfigError
+
+Array = jax.Array
+PROMPT_SEGMENT, COMPLETION_SEGMENT = 1, 2
+
+
+def num_windows(max_completion: int, stride: int) -> int:
+    """Windows per row when completions have at most `max_completion` tokens."""
+    return -(-max_completion // stride)
+
+
+def window_layout(tokens: Array, segment_ids: Array, *, gamma: int, stride: int, windows: int) -> dict[str, Array]:
+    """Where the windows of each row are.
+
+    tokens, segment_ids int32[B, L] (segments: 1 prompt, 2 completion, 0 padding; prompt first, padding last).
+    Returns starts int32[B, W] (t = first completion position + k * stride), targets int32[B, W, G]
+    (y_t .. y_{t+G-1}, pad beyond L) and valid bool[B, W, G] (target position inside the sequence and the window
+    start inside the completion).
+    """
+    B, L = tokens.shape
+    is_c = segment_ids == COMPLETION_SEGMENT
+    first = jnp.argmax(is_c, axis=1).astype(jnp.int32)  # first completion position
+    end = (segment_ids != 0).sum(1).astype(jnp.int32)  # one past the last valid position
+    has = is_c.any(1)
+    starts = first[:, None] + stride * jnp.arange(windows, dtype=jnp.int32)[None]  # [B, W]
+    pos = starts[:, :, None] + jnp.arange(gamma, dtype=jnp.int32)[None, None]  # [B, W, G]
+    valid = (pos < end[:, None, None]) & (starts < end[:, None])[..., None] & has[:, None, None]
+    targets = jnp.take_along_axis(tokens[:, None, :], jnp.minimum(pos, L - 1), axis=2)
+    targets = jnp.where(valid, targets, 0)
+    return {"starts": jnp.minimum(starts, L), "targets": targets, "valid": valid, "positions": pos}
+
+
+def check_drafter(cfg) -> None:
+    """Calibration trains block_causal drafters without logit shift (exact prefix cache); refuse others."""
+    if cfg.attention != "block_causal" or cfg.logit_shift or cfg.mask_token_id is None:
+        raise ConfigError(
+            f"calibration needs a block_causal diffusion drafter with logit_shift=false and a mask token; got "
+            f"attention={cfg.attention}, logit_shift={cfg.logit_shift}, mask_token_id={cfg.mask_token_id}. "
+            "Pre-train one with train.objective=mdlm (bidirectional Dream-style drafters have no exact prefix "
+            "cache and are not supported here)")
+
+
+def drafter_window_logits(drafter, tokens: Array, starts: Array, block: Array) -> Array:
+    """Drafter logits f32[B, W, G, V] of the windows `[tokens[:t] ; block]` for every start t.
+
+    tokens int32[B, L]; starts int32[B, W]; block int32[B, W, G] (MASK tokens, or partly revealed targets for
+    the mdlm loss). One causal forward gives the prefix keys/values (they do not depend on the block in the
+    block_causal layout), then one block forward per window against a cache of length t.
+    """
+    B, L = tokens.shape
+    W, G = block.shape[1], block.shape[2]
+    pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    causal = jnp.tril(jnp.ones((L, L), bool))[None]
+    _, k, v = drafter.forward(tokens, pos, causal, None, compute_logits=False)
+    rep = lambda a: jnp.repeat(a, W, axis=1)  # noqa: E731  [layers, B*W, L, kv, hd]
+    cache = KVCache.from_block(rep(k), rep(v), starts.reshape(B * W))
+    bpos = (starts[:, :, None] + jnp.arange(G, dtype=jnp.int32)).reshape(B * W, G)
+    logits, _, _ = drafter.forward(block.reshape(B * W, G), bpos, jnp.ones((1, G, G), bool), cache)
+    return logits.reshape(B, W, G, -1)
+
+
+def verifier_window_logits(verifier, tokens: Array, positions: Array) -> Array:
+    """Teacher-forced verifier logits f32[B, W, G, V] predicting the tokens at `positions` int32[B, W, G]:
+    one causal forward over the full sequence; the logit at i-1 predicts token i."""
+    B, L = tokens.shape
+    pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
+    logits, _, _ = verifier.forward(tokens, pos, jnp.tril(jnp.ones((L, L), bool))[None], None)
+    idx = jnp.clip(positions - 1, 0, L - 1)
+    Wn, G = positions.shape[1], positions.shape[2]
+    out = jnp.take_along_axis(logits, idx.reshape(B, Wn * G)[..., None], axis=1)
+    return out.reshape(B, Wn, G, -1)
+
+
+# --- settings and the forward of one batch ------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Static settings of a calibration objective (from the run config's `calibrate` section)."""
+
+    loss: str = "streak"
+    gamma: int = 16
+    stride: int = 1
+    windows: int = 128  # windows per row (num_windows(max completion, stride))
+    windows_per_row: int = 0  # > 0: a random subset of this many windows per row and step (0 = all)
+    temperature: float = 1.0  # drafter inference temperature
+    verifier_temperature: float = 1.0  # teacher temperature for kd_first / kd_window
+    mdlm_t_min: float = 1e-3
+    num_sampleable: int | None = None
+    mask_id: int = 3
+    verifier_exclude: tuple[int, ...] = ()
+
+    def __post_init__(self):
+        if self.loss not in LOSSES:
+            raise ConfigError(f"calibrate.loss={self.loss!r} is unknown; choose one of {LOSSES}")
+        for k in ("gamma", "stride", "windows"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"calibrate.{k}={getattr(self, k)!r} must be a positive integer")
+        if self.windows_per_row < 0:
+            raise ConfigError(f"calibrate.windows_per_row={self.windows_per_row!r} must be >= 0 (0 = all windows)")
+        if not self.temperature > 0:
+            raise ConfigError(f"calibrate.temperature={self.temperature!r} must be > 0")
+        if self.verifier_temperature < 0:
+            raise ConfigError(f"calibrate.verifier_temperature={self.verifier_temperature!r} must be >= 0")
+
+    @property
+    def needs_verifier(self) -> bool:
+        return self.loss in ("kd_first", "kd_window")
+
+
+def _select_windows(rng: Array, lay: dict, n: int) -> dict:
+    """A random subset of n windows per row (among the valid ones first)."""
+    B, W = lay["starts"].shape
+    score = jax.random.uniform(rng, (B, W)) + lay["valid"][:, :, 0].astype(jnp.float32)
+    _, idx = jax.lax.top_k(score, n)
+    take = lambda a: jnp.take_along_axis(a, idx.reshape((B, n) + (1,) * (a.ndim - 2)), axis=1)  # noqa: E731
+    return {k: take(v) for k, v in lay.items()}
+
+
+def window_forward(s: Settings, drafter, tokens: Array, segment_ids: Array, rng: Array | None = None,
+                   verifier=None) -> dict[str, Array]:
+    """Everything the losses need for one batch, flattened to N = B*W windows: lq, logq, valid, targets,
+    (mdlm: masked, t), (kd: p)."""
+    lay = window_layout(tokens, segment_ids, gamma=s.gamma, stride=s.stride, windows=s.windows)
+    r_sel, r_mask = jax.random.split(rng if rng is not None else jax.random.PRNGKey(0))
+    if 0 < s.windows_per_row < s.windows:
+        lay = _select_windows(r_sel, lay, s.windows_per_row)
+    B, W, G = lay["targets"].shape
+    block = jnp.full((B, W, G), s.mask_id, jnp.int32)
+    out = {}
+    if s.loss == "mdlm":
+        n = B * W
+        u = (jax.random.uniform(jax.random.fold_in(r_mask, 0), ()) + jnp.arange(n)) / n
+        u = jax.random.permutation(jax.random.fold_in(r_mask, 1), u)
+        t = (s.mdlm_t_min + (1.0 - s.mdlm_t_min) * u).reshape(B, W)
+        masked = jax.random.uniform(jax.random.fold_in(r_mask, 2), (B, W, G)) < t[..., None]
+        noisy = jnp.where(masked, s.mask_id, lay["targets"])
+        lg = drafter_window_logits(drafter, tokens, lay["starts"], noisy)
+        lqn = target_logprobs(log_probs(lg, s.temperature, num_sampleable=s.num_sampleable,
+                                        exclude=(s.mask_id,)), lay["targets"])
+        out.update(lq_noisy=lqn.reshape(n, G), masked=masked.reshape(n, G), t=t.reshape(n))
+    lg = drafter_window_logits(drafter, tokens, lay["starts"], block)
+    if s.loss == "mdlm":
+        lg = jax.lax.stop_gradient(lg)  # statistics only
+    logq = log_probs(lg, s.temperature, num_sampleable=s.num_sampleable, exclude=(s.mask_id,))
+    lq = target_logprobs(logq, lay["targets"])
+    N = B * W
+    out.update(lq=lq.reshape(N, G), valid=lay["valid"].reshape(N, G), targets=lay["targets"].reshape(N, G),
+               greedy_match=(jnp.argmax(logq, -1) == lay["targets"]).reshape(N, G))
+    if s.needs_verifier:
+        if verifier is None:
+            raise ConfigError(f"calibrate.loss={s.loss} needs the verifier (calibrate.verifier=<model dir>)")
+        vl = jax.lax.stop_gradient(verifier_window_logits(verifier, tokens, lay["positions"]))
+        V = logq.shape[-1]
+        # The teacher is restricted to ids the drafter may draft (never its mask id), so KL(p || q) is finite.
+        p = teacher_probs(vl[..., :V], s.verifier_temperature, num_sampleable=s.num_sampleable,
+                          exclude=tuple(s.verifier_exclude) + (s.mask_id,))
+        out.update(p=p.reshape(N, G, -1), logq=logq.reshape(N, G, -1))
+    return out
