@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from specdiff_jax.cli import fail
 from specdiff_jax.config import ConfigError
 from specdiff_jax.config.run import BenchConfig, _plain, load_section
 from specdiff_jax.decode import acceptance_stats, cost
@@ -735,8 +736,7 @@ def main(argv=None) -> int:
         out = Path(args.out or f"results/{_dt.datetime.now().strftime('%Y%m%d-%H%M%S')}")
         result = run(cfg, out, config_path=args.config)
     except (BenchError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     main_rows = [r for r in result["rows"] if not r["sweep"]]
     print(table(main_rows))
     for line in _auto_lines(result["rows"]):

@@ -15,6 +15,8 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from specdiff_jax.config import jax_dtype
+
 Array = jax.Array
 
 
@@ -33,7 +35,7 @@ class KVCache:
                 f"cache capacity {capacity} exceeds the model's max_seq_len={cfg.max_seq_len}; "
                 "use fewer prompt + new tokens or a model with a longer max_seq_len"
             )
-        dt = dtype or {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[cfg.dtype]
+        dt = dtype or jax_dtype(cfg.dtype)
         shape = (batch, cfg.num_kv_heads, capacity, cfg.head_dim)
         zeros = tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers))
         return cls(zeros, tuple(jnp.zeros(shape, dt) for _ in range(cfg.num_layers)),

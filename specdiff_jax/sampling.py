@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from specdiff_jax.model import NEG_INF
+
 Array = jax.Array
-_NEG = -1e30
 
 
 def allowed_ids(vocab: int, num_sampleable: int, exclude: tuple[int, ...] = ()) -> Array:
@@ -49,13 +50,13 @@ def probs(
     V = logits.shape[-1]
     ns = V if num_sampleable is None else min(num_sampleable, V)
     logits = logits.astype(jnp.float32)
-    logits = jnp.where(allowed_ids(V, ns, exclude), logits, _NEG)
+    logits = jnp.where(allowed_ids(V, ns, exclude), logits, NEG_INF)
     if temperature == 0:
         return jax.nn.one_hot(jnp.argmax(logits, axis=-1), V, dtype=jnp.float32)
     logits = logits / temperature
     if top_k and top_k < V:
         kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
-        logits = jnp.where(logits >= kth, logits, _NEG)
+        logits = jnp.where(logits >= kth, logits, NEG_INF)
     p = jax.nn.softmax(logits, axis=-1)
     if top_p < 1.0:
         order = jnp.argsort(-p, axis=-1)

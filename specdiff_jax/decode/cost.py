@@ -27,6 +27,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from specdiff_jax.decode.core import Decoder
 from specdiff_jax.timing import time_forward
 
 VERIFIER_QS = (1, 2, 3, 5, 9, 17, 33, 65)
@@ -131,8 +132,6 @@ class CostModel:
 
 def _round_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int) -> float:
     """Measured ms per round of a short greedy decode at this context (drafts argmax)."""
-    from specdiff_jax.decode.api import Decoder
-
     n = 32
     prompt_len = max(1, min(ctx, verifier.cfg.max_seq_len - n - gamma - 1) - n // 2)
     prompts = [[3 + (i * 7 + b) % 50 for i in range(prompt_len)] for b in range(batch)]

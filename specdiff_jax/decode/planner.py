@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from specdiff_jax.decode import cost
+from specdiff_jax.decode.core import Decoder
 
 GAMMAS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 PROFILE_PROMPTS = 4
@@ -73,8 +74,6 @@ def _profile_path(verifier, drafter, opt: dict, temperature: float, gamma: int) 
 def profile(verifier, drafter, opt: dict, prompts, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
             gamma: int, eos_id=None, use_cache: bool = True) -> list[float]:
     """P(n >= j) for j = 1..gamma: the per-round acceptance profile of one setting (measured, cached on disk)."""
-    from specdiff_jax.decode.api import Decoder
-
     path = _profile_path(verifier, drafter, opt, temperature, gamma)
     if use_cache and path.is_file():
         try:
