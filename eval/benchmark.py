@@ -335,6 +335,45 @@ def run_hf(method: str, models: dict, prompts: list[dict], *, temperature: float
 # ---------------------------------------------------------------------------------------------------------
 # acceleration-compute view
 # ---------------------------------------------------------------------------------------------------------
+def scaling_rows(cfg: BenchConfig, models: dict, prompts: list[dict], eos_id) -> list[dict]:
+    """ar decode throughput by batch size (at the first scaling prefix) and by prompt length (at batch 1), and each
+    step's time over the bare verifier forward at that shape (what the kernel adds around the model)."""
+    import jax
+
+    from specdiff_jax.decode import Decoder
+    from specdiff_jax.timing import time_forward
+
+    if not cfg.scaling_prefixes and not cfg.scaling_batches:
+        return []
+    stream = [t for p in prompts for t in p["ids"]]
+    prefixes = cfg.scaling_prefixes or (128,)
+    shapes = [(b, prefixes[0]) for b in cfg.scaling_batches or (1,)] + [(1, n) for n in prefixes[1:]]
+    v, N = models["verifier"], cfg.max_new_tokens
+    out = []
+    for b, n in dict.fromkeys(shapes):
+        if n + N + 1 > v.cfg.max_seq_len:
+            continue
+        rows = [[stream[(r * 37 + i) % len(stream)] for i in range(n)] for r in range(b)]
+        dec = Decoder(v, method="ar", max_new_tokens=N, eos_id=None)
+        state = dec.prefill(rows)
+        jax.block_until_ready(dec.decode_raw(state, 0))
+        ts = []
+        for r in range(max(cfg.repeats, 3)):
+            state = dec.prefill(rows)
+            jax.block_until_ready(state["carry"])
+            t0 = time.perf_counter()
+            jax.block_until_ready(dec.decode_raw(state, r))
+            ts.append(time.perf_counter() - t0)
+        step = statistics.median(ts) / N
+        fwd = time_forward(v, b, 1, state["spec"].vcap, n + N // 2)
+        out.append({"batch": b, "prefix": n, "tokens_per_s": b / step, "step_ms": 1e3 * step,
+                    "forward_ms": 1e3 * fwd, "step_over_forward": step / fwd})
+    base = out[0]["tokens_per_s"] if out else 1.0
+    for r in out:
+        r["vs_first"] = r["tokens_per_s"] / base
+    return out
+
+
 def budget_view(rows: list[dict], budgets: tuple[float, ...]) -> list[dict]:
     """Tokens each greedy batch-1 method produces within each wall-clock budget (prefill + decode)."""
     out = []
@@ -597,6 +636,7 @@ def run(cfg: BenchConfig, out: Path, *, config_path: str | None = None) -> dict:
         rows.append(res["row"])
         outputs.append(res["outputs"])
     _compare_with_ar(rows, outputs)
+    scaling = scaling_rows(cfg, models, prompts, eos_id)
     budget_rows = budget_view(rows, cfg.budgets_s)
     by_method = {(r["method"], r["temperature"], r["batch"]): o for r, o in zip(rows, outputs) if not r["sweep"]}
     passes = pass_at_1(rows, by_method, prompts, cfg.budgets_s, tok, cfg.max_new_tokens) if cfg.pass_at_1 else []
@@ -604,8 +644,8 @@ def run(cfg: BenchConfig, out: Path, *, config_path: str | None = None) -> dict:
               "hardware": hardware(), "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
               "notes": notes, "prompts": [{"id": p["id"], "source": p["source"], "tokens": len(p["ids"])}
                                           for p in prompts],
-              "rows": rows, "budget": budget_rows, "pass_at_1": passes, "best_settings": best_settings(rows),
-              "cost_models": {b: cm.to_json() for b, cm in cms.items()}}
+              "rows": rows, "scaling": scaling, "budget": budget_rows, "pass_at_1": passes,
+              "best_settings": best_settings(rows), "cost_models": {b: cm.to_json() for b, cm in cms.items()}}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     plots = write_plots(out, rows, budget_rows)
     (out / "results.md").write_text(render_markdown(result, plots))
@@ -698,6 +738,10 @@ def render_markdown(result: dict, plots: list[str]) -> str:
               table(result["best_settings"], ("method", "temperature", "gamma", "num_drafts", "draft_temperature",
                                               "acceptance", "tokens_per_s", "speedup_vs_ar", "predicted_speedup",
                                               "tokens_per_verifier_call", "source", "why")), ""]
+    if result.get("scaling"):
+        parts += ["## ar scaling: batch and context (step_over_forward: a kernel step over its bare forward)",
+                  table(result["scaling"], ("batch", "prefix", "tokens_per_s", "vs_first", "step_ms", "forward_ms",
+                                            "step_over_forward")), ""]
     parts += ["## Cost model", *_cost_lines(result)]
     if result["budget"]:
         budgets = sorted({b["budget_s"] for b in result["budget"]})

@@ -30,7 +30,7 @@ def test_benchmark_smoke(model_dir, tmp_path, monkeypatch):
                f"verifier={model_dir / 'verifier'}", f"specdiff_drafter={model_dir / 'drafter_base'}",
                "methods=[ar, specdiff, auto]", "humaneval_prompts=2", "max_prompt_tokens=40", "max_new_tokens=12",
                "temperatures=[0.0]", "repeats=1", "specdiff_gamma=4", "progress_bar=false", "sweep_gamma=[2, 4]",
-               "sweep_temperatures=[0.0]", "auto_max_gamma=4"])
+               "sweep_temperatures=[0.0]", "auto_max_gamma=4", "scaling_batches=[1, 2]", "scaling_prefixes=[16, 32]"])
     assert rc == 0
     for name in ("results.json", "results.md", "config.yaml", "speedup_T0.png", "alpha.png",
                  "acceleration_compute.png"):
@@ -53,6 +53,8 @@ def test_benchmark_smoke(model_dir, tmp_path, monkeypatch):
     assert sd["gamma"] == 4 and sd["num_drafts"] == 1 and sd["tokens_per_verifier_call"] >= 1.0
     assert len(sd["alpha"]) == 4 and sum(sd["accepted_hist"]) > 0
     assert any("max_prompt_tokens" in n for n in res["notes"])  # the prompts were cut, and it says so
+    assert [(r["batch"], r["prefix"]) for r in res["scaling"]] == [(1, 16), (2, 16), (1, 32)]
+    assert all(r["tokens_per_s"] > 0 and r["step_over_forward"] > 0 for r in res["scaling"])
     md = (out / "results.md").read_text()
     assert "| specdiff |" in md and "## The auto planner's choices" in md and "## Cost model" in md
 

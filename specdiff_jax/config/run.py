@@ -196,6 +196,8 @@ class BenchConfig:
     sweep_mode: Literal["grid", "one_at_a_time"] = "grid"
     sweep_temperatures: tuple[float, ...] = (0.0,)
     sweep_prompts: int = 4
+    scaling_batches: tuple[int, ...] = ()
+    scaling_prefixes: tuple[int, ...] = ()
     budgets_s: tuple[float, ...] = (0.25, 0.5, 1.0, 2.0)
     pass_at_1: bool = False
     threads: int = 0
