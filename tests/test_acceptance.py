@@ -223,7 +223,7 @@ NS = 4  # sampleable vocabulary (ids 4 and 5 are padded rows, 5 is the drafters'
 NTOK = 4  # emitted tokens compared: with gamma <= 2 every row needs at least 2 rounds (cache reuse across rounds)
 ROWS = 12000  # samples per check (rows of one batched generate call)
 PROMPT = [1, 3, 0, 2, 2]
-CFG = ModelConfig(vocab_size=NS + 2, sample_vocab_size=NS, hidden_size=32, num_layers=2, num_heads=4,
+CFG = ModelConfig(vocab_size=NS + 2, sample_vocab_size=NS, hidden_size=32, num_layers=1, num_heads=4,
                   num_kv_heads=2, head_dim=8, intermediate_size=64, max_seq_len=64)
 
 
