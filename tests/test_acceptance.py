@@ -1,12 +1,15 @@
 """Acceptance rules, self-selection and the sampling filter: exact on hand-made distributions, and statistical
 losslessness of the full jitted kernel at temperature > 0.
 
-Statistical tests: every method's joint law of the first 3 emitted tokens is compared with the verifier's
-exact law (enumerated by full forwards over all 3-token continuations) by a chi-square test with false-alarm
-rate ALPHA = 1e-4 per test (cells with expected count < 5 are pooled). Deliberately wrong rules must be
-rejected by the same test (their p-value must fall below ALPHA), which shows the test has the power to see a
-wrong residual.
-"""
+Statistical tests: the joint law of the first 4 tokens a method emits is compared with the verifier's exact law
+(enumerated by full forwards without a cache over every continuation, 4^4 outcomes) by a chi-square test with
+false-alarm rate ALPHA = 1e-4 per test (cells with expected count < 5 are pooled; a sample of a zero-probability
+sequence fails outright). The models have O(1) weights, so attention (positions, the cache) changes the law; gamma
+<= 2 makes every row span at least two rounds; every sampling rule (ar, pq, delta, multi_draft) runs plain, with
+top-k and with top-p, and each drafted case must show rejections and whole accepted drafts. The seeds are fixed,
+so each test's outcome is deterministic; over random seeds a correct kernel would fail one with probability ALPHA.
+Deliberately wrong rules must be rejected by the same test (their p-value must fall below ALPHA), which shows the
+test has the power to see a wrong residual."""
 
 import itertools
 
@@ -152,6 +155,26 @@ def test_multi_draft_by_hand():
         np.testing.assert_array_equal(nxt, [2])
 
 
+def test_multi_draft_carries_the_residual_across_rejections():
+    """Three chains, all rejected at depth 1, where the running residual differs from p after each rejection.
+
+    p = [0.5, 0.5, 0], q = [0.1, 0.4, 0.5]; drafts 2, 2, 1. Chain 0: p(2) = 0, rejected; r1 = norm(max(0, p - q))
+    = [0.8, 0.2, 0]. Chain 1: r1(2) = 0, rejected; r2 = norm(max(0, r1 - q)) = [1, 0, 0]. Chain 2: r2(1) = 0,
+    rejected; the next token is drawn from norm(max(0, r2 - q)) = [1, 0, 0]. So every row emits n = 0, next = 0
+    whatever the coins. A residual restarted from p (r = norm(max(0, p - q)) = [0.8, 0.2, 0] before chain 2) would
+    accept chain 2's token 1 with probability 1/2.
+    """
+    B = 2000
+    p1 = jnp.array([0.5, 0.5, 0.0])
+    q = jnp.broadcast_to(jnp.array([[0.1, 0.4, 0.5]]), (B, 1, 3))
+    p = jnp.broadcast_to(jnp.stack([p1, onehot(2, 3)]), (B, 3, 2, 3))
+    x = jnp.broadcast_to(jnp.array([[2], [2], [1]]), (B, 3, 1))
+    np.testing.assert_allclose(acc.pq_residual(acc.pq_residual(p1, q[0, 0]), q[0, 0]), [1, 0, 0], atol=1e-7)
+    n, nxt, _ = multi_draft(p, q, x, KEY)
+    np.testing.assert_array_equal(n, np.zeros(B))
+    np.testing.assert_array_equal(nxt, np.zeros(B))
+
+
 def test_select_drafts_by_hand():
     # chain scores: 0.9 + 0.9*0.1 = 0.99; 0.5 + 0.5*0.9 = 0.95; 1.0 + 1.0*0 = 1.0 -> chain 2
     V = 4
@@ -196,71 +219,81 @@ def test_resolve_acceptance_auto_and_refusals():
 
 # --- statistical losslessness of the full kernel --------------------------------------------------------
 ALPHA = 1e-4  # false-alarm rate of each chi-square test
-NS = 6  # sampleable vocabulary: 6^3 = 216 joint outcomes of the first 3 tokens
-ROWS = 12000  # samples per method (rows of one batched generate call)
-PROMPT = [1, 4, 2]
-BASE = dict(vocab_size=8, sample_vocab_size=NS, hidden_size=32, num_layers=1, num_heads=2, num_kv_heads=1,
-            head_dim=16, intermediate_size=64, max_seq_len=64)
-
-
-def _scaled(model, s):
-    model.lm_head.set_value(s * model.lm_head.get_value())
-    return model
+NS = 4  # sampleable vocabulary (ids 4 and 5 are padded rows, 5 is the drafters' mask): 4^4 = 256 joint outcomes
+NTOK = 4  # emitted tokens compared: with gamma <= 2 every row needs at least 2 rounds (cache reuse across rounds)
+ROWS = 12000  # samples per check (rows of one batched generate call)
+PROMPT = [1, 3, 0, 2, 2]
+CFG = ModelConfig(vocab_size=NS + 2, sample_vocab_size=NS, hidden_size=32, num_layers=1, num_heads=4,
+                  num_kv_heads=2, head_dim=8, intermediate_size=64, max_seq_len=64)
 
 
 @pytest.fixture(scope="module")
 def models():
-    # lm_head scaled so that p and q are far from uniform and far from each other (acceptance ~ 0.3-0.6)
-    verifier = _scaled(Transformer(ModelConfig(**BASE), rngs=nnx.Rngs(11)), 10.0)
-    block = _scaled(Transformer(ModelConfig(**BASE, attention="block_causal", mask_token_id=7), rngs=nnx.Rngs(12)),
-                    10.0)
-    ar = _scaled(Transformer(ModelConfig(**BASE), rngs=nnx.Rngs(13)), 10.0)
-    return verifier, block, ar
+    """O(1) weights (as tests/test_model.py builds them): attention is far from uniform, so a position or cache error
+    in a later round changes the law, and p and q are far from each other (acceptance ~0.4-0.7)."""
+    import dataclasses
+
+    from tests.test_model import randomized
+
+    block = dataclasses.replace(CFG, attention="block_causal", mask_token_id=NS + 1)
+    return tuple(nnx.merge(*randomized(cfg, seed)) for cfg, seed in ((CFG, 21), (block, 22), (CFG, 23)))
 
 
-def exact_law(verifier, *, temperature, top_k=0, top_p=1.0):
-    """P(y1, y2, y3 | PROMPT) under the verifier alone, float64[NS, NS, NS], by enumeration."""
-    seqs = np.array([PROMPT + [a, b] for a, b in itertools.product(range(NS), repeat=2)], np.int32)
-    logits = verifier(jnp.asarray(seqs))  # [36, P+2, V]
-    f = lambda lg: np.asarray(probs(lg, temperature=temperature, top_k=top_k, top_p=top_p,
-                                    num_sampleable=NS), np.float64)[..., :NS]
+def exact_law(verifier, *, temperature, top_k=0, top_p=1.0, n=NTOK):
+    """P(y_1..y_n | PROMPT) under the verifier alone, float64[NS]*n, by enumeration (full forwards, no cache)."""
+    seqs = np.array([PROMPT + list(s) for s in itertools.product(range(NS), repeat=n - 1)], np.int32)
+    logits = verifier(jnp.asarray(seqs))[..., :NS]  # [NS^(n-1), P+n-1, NS]
     P = len(PROMPT)
-    p1 = f(logits[0, P - 1])
-    p2 = f(logits[:, P]).reshape(NS, NS, NS)[:, 0]  # p(y2 | y1) (depends on y1 only)
-    p3 = f(logits[:, P + 1]).reshape(NS, NS, NS)
-    return p1[:, None, None] * p2[:, :, None] * p3
+    law = np.ones(())
+    for i in range(n):
+        # p(y_{i+1} | y_1..y_i): read at position P-1+i of the sequences that continue y_1..y_i with zeros
+        pi = np.asarray(probs(logits[:, P - 1 + i], temperature=temperature, top_k=top_k, top_p=top_p,
+                              num_sampleable=NS), np.float64).reshape((NS,) * (n - 1) + (NS,))
+        law = law[..., None] * pi[(slice(None),) * i + (0,) * (n - 1 - i)]
+    return law
 
 
 def chi2_pvalue(tokens, law):
-    idx = tokens[:, 0] * NS * NS + tokens[:, 1] * NS + tokens[:, 2]
-    counts = np.bincount(idx, minlength=NS ** 3).astype(np.float64)
+    n = law.ndim
+    idx = np.ravel_multi_index(tuple(tokens[:, i] for i in range(n)), (NS,) * n)
+    counts = np.bincount(idx, minlength=NS ** n).astype(np.float64)
     expected = law.reshape(-1) * len(tokens)
     small = expected < 5
     obs = np.append(counts[~small], counts[small].sum())
     exp = np.append(expected[~small], expected[small].sum())
     if exp[-1] == 0:
+        if obs[-1] > 0:  # sequences of probability zero were emitted
+            return 0.0
         obs, exp = obs[:-1], exp[:-1]
     assert obs.sum() == len(tokens)
     return stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue
 
 
 def run_kernel(verifier, drafter, method, *, rule=None, temperature=1.0, top_k=0, top_p=1.0, seed=1, **kw):
-    dec = decode.Decoder(verifier, drafter, method=method, max_new_tokens=3, temperature=temperature,
+    dec = decode.Decoder(verifier, drafter, method=method, max_new_tokens=NTOK, temperature=temperature,
                          top_k=top_k, top_p=top_p, **kw)
     if rule is not None:  # test hook: force a (possibly wrong) rule past the lossless check
         dec.rule = rule
     out = dec([PROMPT] * ROWS, seed=seed)
-    assert np.all(out.lengths == 3)
+    assert np.all(out.lengths == NTOK)
     return out
 
 
+# Every rule that samples (ar's own sampling, pq, delta, multi_draft) plain, with top-k and with top-p.
 CASES = {
+    "ar": dict(method="ar"),
+    "ar_top_k_top_p": dict(method="ar", temperature=0.8, top_k=3, top_p=0.85),
     "specdiff_pq": dict(method="specdiff", gamma=2, acceptance="pq", draft_temperature=1.0),
+    "specdiff_pq_top_k": dict(method="specdiff", gamma=1, acceptance="pq", top_k=3),
+    "sps_pq_top_p": dict(method="sps", gamma=2, acceptance="pq", temperature=0.8, top_p=0.85),
     "specdiff_delta_T2": dict(method="specdiff", gamma=2, denoise_steps=2, acceptance="delta", draft_temperature=1.5),
+    "specdiff_delta_T2_top_p": dict(method="specdiff", gamma=2, denoise_steps=2, acceptance="delta", top_p=0.85),
+    "specdiff2_selection_delta_top_k": dict(method="specdiff2", gamma=2, num_drafts=3, acceptance="delta",
+                                            draft_temperature=2.0, top_k=3),
     "specdiff_multi_draft": dict(method="specdiff", gamma=2, num_drafts=3, acceptance="multi_draft"),
-    "specdiff2_selection_delta": dict(method="specdiff2", gamma=2, num_drafts=3, acceptance="delta",
-                                      draft_temperature=2.0),
-    "sps_pq_filtered": dict(method="sps", gamma=2, acceptance="pq", temperature=0.8, top_k=4, top_p=0.9),
+    "specdiff_multi_draft_top_k": dict(method="specdiff", gamma=1, num_drafts=3, acceptance="multi_draft", top_k=3),
+    "specdiff_multi_draft_top_p": dict(method="specdiff", gamma=2, num_drafts=2, acceptance="multi_draft",
+                                       top_p=0.85),
     # the other settings the auto planner may choose at temperature > 0
     "specdiff2_one_draft_pq": dict(method="specdiff2", gamma=2, acceptance="auto", draft_temperature=1.0),
     "specdiff2_multi_draft": dict(method="specdiff2", gamma=2, num_drafts=3, acceptance="auto",
@@ -281,9 +314,10 @@ def test_kernel_is_lossless_at_temperature(models, case):
                     top_p=kw.get("top_p", 1.0))
     pv = chi2_pvalue(out.tokens, law)
     assert pv > ALPHA, f"{case}: chi-square p-value {pv:.2e} <= {ALPHA}: emitted tokens are not distributed as AR"
-    if method != "ar":  # the drafts must matter: some accepted, some rejected
+    assert min(out.stats["row_verifier_calls"]) >= 2  # every row's tokens span at least two rounds
+    if method != "ar":  # the drafts must matter: rejections, and whole drafts accepted (the bonus-token path)
         hist = np.asarray(out.stats["accepted_hist"])
-        assert hist[0] > 0 and hist[1:].sum() > 0, hist
+        assert hist[0] > 0 and hist[1:].sum() > 0 and hist[-1] > 0, hist
 
 
 def _pq_without_residual(p, q, x, key):

@@ -125,6 +125,49 @@ def test_acceptance_stats():
     assert float(st["greedy_streak"]) == pytest.approx((1 + 2) / 2)
 
 
+def _closed_forms(qy, valid, p, q, masked, t):
+    """Every loss by its formula, averaged over the non-empty windows only (numpy, float64)."""
+    rows = [n for n in range(len(valid)) if valid[n].any()]
+    out = {"streak": 0.0, "ce_streak": 0.0, "mdlm": 0.0, "kd_first": 0.0}
+    pairs = []
+    for n in rows:
+        m = int(valid[n].sum())  # valid is a prefix of the window
+        pre = np.cumprod(qy[n, :m])
+        out["streak"] -= pre.sum()
+        out["ce_streak"] -= sum(np.prod(qy[n, :j]) * math.log(qy[n, j]) for j in range(m))
+        out["mdlm"] -= sum(math.log(qy[n, j]) for j in range(m) if masked[n, j]) / t[n] / qy.shape[1]
+        out["kd_first"] += _kl(p[n, 0], q[n, 0])
+        pairs += [_kl(p[n, j], q[n, j]) for j in range(m)]
+    out = {k: v / len(rows) for k, v in out.items()}
+    out["kd_window"] = sum(pairs) / len(pairs)
+    return out
+
+
+def test_losses_average_over_non_empty_windows_only():
+    """Windows with no scored position (past the end of a completion, or a row without one) carry no loss: every
+    loss is its closed form averaged over the non-empty windows, whatever the arrays hold in the empty ones."""
+    junk = np.full((3, 4), 0.25)
+    order = [0, None, 1, None, None]  # windows 1, 3, 4 are empty
+    q = np.stack([Q[i] if i is not None else junk for i in order])
+    p = np.stack([P_[i] if i is not None else junk[:, ::-1] for i in order])
+    y = np.stack([Y[i] if i is not None else np.array([1, 2, 0]) for i in order])
+    valid = np.stack([VALID[i] if i is not None else np.zeros(3, bool) for i in order])
+    qy = np.take_along_axis(q, y[..., None], -1)[..., 0]
+    masked = np.array([[True, False, True], [True, True, True], [True, True, False], [True] * 3, [False] * 3])
+    t = np.array([0.5, 0.3, 0.25, 0.7, 0.9])
+    ref = _closed_forms(qy, valid, p, q, masked, t)
+    lq, v = jnp.asarray(np.log(qy), jnp.float32), jnp.asarray(valid)
+    logq, pj = jnp.asarray(np.log(q), jnp.float32), jnp.asarray(p, jnp.float32)
+    got = {"streak": C.streak_loss(lq, v), "ce_streak": C.ce_streak_loss(lq, v),
+           "mdlm": C.mdlm_window_loss(lq, jnp.asarray(masked), jnp.asarray(t, jnp.float32), v),
+           "kd_first": C.kd_first_loss(pj, logq, v), "kd_window": C.kd_window_loss(pj, logq, v)}
+    for k in ref:
+        assert float(got[k]) == pytest.approx(ref[k], rel=1e-5), k
+    st = C.acceptance_stats(lq, v, jnp.asarray(masked))
+    assert float(st["expected_streak"]) == pytest.approx(-ref["streak"], rel=1e-5)
+    assert float(st["greedy_streak"]) == pytest.approx((1 + 2) / 2)  # matching prefixes 1 and 2 (windows 0, 2)
+
+
 # ------------------------------------------------------------------------------------------------------
 # windows: exactly the inference computation
 # ------------------------------------------------------------------------------------------------------
@@ -260,6 +303,52 @@ def test_kd_teacher_is_an_input_of_the_train_step_not_a_constant():
         losses.append(float(m["loss"]))
     assert losses[0] != pytest.approx(losses[1], rel=1e-3), "the two teachers must give different KD losses"
     assert step._cache_size() == 1, "swapping the teacher must not recompile the step"
+
+
+@pytest.mark.parametrize("loss", ["streak", "kd_first"])
+def test_calibrate_step_loss_ignores_empty_windows(loss):
+    """The jitted training step of a calibration objective reports the loss over non-empty windows only, on a batch
+    where a short completion leaves windows past its end and one row has no completion at all (all windows empty).
+    Reference: the same windows (`window_forward`) reduced in numpy over the non-empty ones."""
+    import optax
+
+    from specdiff_jax.training import make_train_step
+
+    d, v = tiny(DCFG, 0, std=0.5), tiny(VCFG, 1, std=0.5)
+    r = np.random.default_rng(3)
+    B, L = 3, 20
+    tok = r.integers(4, V, (B, L)).astype(np.int32)
+    seg = np.zeros((B, L), np.int32)
+    seg[0, :6], seg[0, 6:9] = 1, 2  # 3 completion tokens: windows starting at 10, 12, ... are empty
+    seg[1, :4], seg[1, 4:20] = 1, 2
+    seg[2, :7] = 1  # a prompt without a completion
+    tok[seg == 0] = 0
+    s = C.Settings(loss=loss, gamma=4, stride=2, windows=8, num_sampleable=V, mask_id=MASK,
+                   verifier_temperature=1.0)
+    obj = C.make_objective(s, v if s.needs_verifier else None)
+    gd, st = nnx.split(d)
+    params = nnx.to_pure_dict(st)
+    tx = optax.sgd(0.0)
+    state = {"params": params, "opt_state": tx.init(params), "step": jnp.int32(0), "rng": jax.random.PRNGKey(0)}
+    batch = {"tokens": jnp.asarray(tok)[None], "segment_ids": jnp.asarray(seg)[None]}
+    aux = nnx.to_pure_dict(nnx.split(v)[1]) if s.needs_verifier else None
+    _, m = jax.jit(make_train_step(gd, obj, tx, lambda i: 0.0))(state, batch, None, aux)
+
+    w = jax.device_get(jax.jit(lambda t_, s_: C.window_forward(s, d, t_, s_, None, v))(jnp.asarray(tok),
+                                                                                      jnp.asarray(seg)))
+    valid = np.asarray(w["valid"])
+    nonempty = valid.any(-1)
+    assert nonempty.sum() == 2 + 8 and not nonempty.all()  # row 0: 2 windows, row 1: 8, row 2: none
+    lq = np.asarray(w["lq"], np.float64)
+    if loss == "streak":
+        ref = -np.mean([np.cumprod(np.exp(lq[n][valid[n]])).sum() for n in np.flatnonzero(nonempty)])
+    else:
+        p, logq = np.asarray(w["p"], np.float64), np.asarray(w["logq"], np.float64)
+        kl = [np.sum(np.where(p[n, 0] > 0, p[n, 0] * (np.log(np.maximum(p[n, 0], 1e-300)) - logq[n, 0]), 0))
+              for n in np.flatnonzero(nonempty)]
+        ref = np.mean(kl)
+    assert int(m["tokens"]) == 10
+    assert float(m["loss"]) == pytest.approx(ref, rel=1e-4)
 
 
 def test_refuses_unsupported_drafters():

@@ -1,5 +1,11 @@
 """HF <-> specdiff-jax conversion: round-trip parity with transformers (Levanter pattern), Dream drafters,
-our model-directory format, bad input and the CLI. Tiny random models are made offline; nothing is downloaded."""
+our model-directory format, every mapped config field, bad input and the CLI. Tiny random models are made offline;
+nothing is downloaded.
+
+The parity tests need the `hf` extra (torch + transformers). Without it (neither installed) the module is skipped;
+with it installed but unusable (one of the two missing, an import error, a missing model class) the module fails:
+an installed extra must never turn parity into a silent skip.
+"""
 
 from __future__ import annotations
 
@@ -14,8 +20,49 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
+HF_EXTRA = ("torch", "transformers")
+
+
+def hf_extra_status() -> tuple[str, str | None]:
+    """("absent", None) when no package of the hf extra is installed, ("ok", None) when parity can run, else
+    ("broken", why)."""
+    import importlib
+    from importlib import metadata
+
+    installed = []
+    for dist in HF_EXTRA:
+        try:
+            metadata.distribution(dist)
+            installed.append(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    if not installed:
+        return "absent", None
+    if len(installed) < len(HF_EXTRA):
+        return "broken", f"only {installed} of the hf extra {list(HF_EXTRA)} is installed"
+    try:
+        for mod in HF_EXTRA:
+            importlib.import_module(mod)
+        tf = importlib.import_module("transformers")
+        for cls in ("Qwen2ForCausalLM", "LlamaForCausalLM", "Qwen2Config", "LlamaConfig", "AutoModelForCausalLM"):
+            getattr(tf, cls)
+    except Exception as e:  # noqa: BLE001  any failure to import means parity cannot run
+        return "broken", f"{type(e).__name__}: {e}"
+    return "ok", None
+
+
+def require_hf_extra(status: str, why: str | None) -> None:
+    """Skip when the extra is absent, fail (never skip) when it is installed but parity cannot run."""
+    if status == "absent":
+        pytest.skip("the hf extra is not installed (pip install -e '.[hf]'): no HF parity tests",
+                    allow_module_level=True)
+    if status != "ok":
+        pytest.fail(f"the hf extra is installed but HF parity cannot run: {why}", pytrace=False)
+
+
+require_hf_extra(*hf_extra_status())
+import torch  # noqa: E402
+import transformers  # noqa: E402
 
 from specdiff_jax import ModelConfig, Transformer, load_pretrained, save_pretrained  # noqa: E402
 from specdiff_jax.checkpoint import CheckpointError, CheckpointNotFoundError, load_metadata  # noqa: E402
@@ -51,11 +98,11 @@ def tokens():
 
 
 def make_hf(family: str, path: Path, *, kv: int = 2, tied: bool = False, theta: float = 10000.0,
-            seed: int = 0, **extra):
+            seed: int = 0, eps: float = 1e-6, **extra):
     """A tiny random HF model saved at `path`; every parameter (biases, norms too) is random."""
     common = dict(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=FFN, num_hidden_layers=LAYERS,
                   num_attention_heads=HEADS, num_key_value_heads=kv, rope_theta=theta, tie_word_embeddings=tied,
-                  max_position_embeddings=64, rms_norm_eps=1e-6, **extra)
+                  rms_norm_eps=eps, **{"max_position_embeddings": 64, **extra})
     if family == "qwen2":
         model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**common))
     else:
@@ -409,6 +456,98 @@ def test_config_to_hf_fields():
     assert hf["architectures"] == ["LlamaForCausalLM"] and hf["attention_bias"] is False
     assert hf["rope_parameters"] == {"rope_type": "default", "rope_theta": 5e5} and hf["eos_token_id"] == 2
     assert hf["num_key_value_heads"] == cfg.num_kv_heads and hf["head_dim"] == cfg.head_dim
+
+
+def test_a_broken_hf_extra_fails_and_an_absent_one_skips(monkeypatch):
+    import sys
+    from importlib import metadata
+
+    assert hf_extra_status() == ("ok", None)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # installed, but `import transformers` fails
+    status, why = hf_extra_status()
+    assert status == "broken" and "transformers" in why
+    with pytest.raises(pytest.fail.Exception, match="installed but HF parity cannot run"):
+        require_hf_extra(status, why)
+    monkeypatch.undo()
+
+    def only_torch(name):
+        if name == "transformers":
+            raise metadata.PackageNotFoundError(name)
+        return metadata.Distribution.from_name(name)
+
+    monkeypatch.setattr(metadata, "distribution", only_torch)
+    assert hf_extra_status()[0] == "broken"
+
+    def nothing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(metadata, "distribution", nothing)
+    assert hf_extra_status() == ("absent", None)
+    with pytest.raises(pytest.skip.Exception):
+        require_hf_extra("absent", None)
+
+
+# Every ModelConfig field the converter maps, each away from its default (head_dim != hidden / heads too).
+NON_DEFAULT = dict(vocab_size=100, hidden_size=48, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=16,
+                   intermediate_size=80, rope_theta=5e5, rms_norm_eps=3e-3, tie_embeddings=True, max_seq_len=333,
+                   eos_token_id=7, pad_token_id=5, dtype="bfloat16", param_dtype="bfloat16")
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "dream", "block_causal"])
+def test_every_mapped_config_field_round_trips(arch):
+    """ModelConfig -> config.json -> ModelConfig is the identity for every mapped field, and transformers' own
+    config class reads each HF key as the value we meant (a misspelt key would survive our own round trip)."""
+    from specdiff_jax.convert import config_from_hf
+
+    kw = dict(NON_DEFAULT)
+    if arch == "llama":
+        kw.update(architecture="llama", qkv_bias=False)
+    elif arch == "dream":
+        kw.update(architecture="dream", attention="bidirectional", logit_shift=True, mask_token_id=99,
+                  sample_vocab_size=97)
+    elif arch == "block_causal":
+        kw.update(attention="block_causal", block_size=8, mask_token_id=98, sample_vocab_size=97)
+    cfg = ModelConfig(**kw)
+    hf = config_to_hf(cfg)
+    assert config_from_hf(json.loads(json.dumps(hf))) == cfg
+    if arch == "dream":  # no transformers class; Dream's remote code reads these top-level keys
+        assert (hf["rope_theta"], hf["mask_token_id"], hf["rms_norm_eps"]) == (5e5, 99, 3e-3)
+        return
+    tcfg = (transformers.LlamaConfig if arch == "llama" else transformers.Qwen2Config)(**hf)
+    theta = tcfg.rope_parameters["rope_theta"] if getattr(tcfg, "rope_parameters", None) else tcfg.rope_theta
+    got = dict(vocab_size=tcfg.vocab_size, hidden_size=tcfg.hidden_size, num_layers=tcfg.num_hidden_layers,
+               num_heads=tcfg.num_attention_heads, num_kv_heads=tcfg.num_key_value_heads, head_dim=tcfg.head_dim,
+               intermediate_size=tcfg.intermediate_size, rope_theta=theta, rms_norm_eps=tcfg.rms_norm_eps,
+               tie_embeddings=tcfg.tie_word_embeddings, max_seq_len=tcfg.max_position_embeddings,
+               eos_token_id=tcfg.eos_token_id, pad_token_id=tcfg.pad_token_id)
+    assert got == {k: getattr(cfg, k) for k in got}
+    if arch == "llama":
+        assert tcfg.attention_bias is False
+
+
+@pytest.mark.parametrize("family", ["qwen2", "llama"])
+def test_hf_parity_with_non_default_fields(tmp_path, tokens, family):
+    """Parity both ways with rms_norm_eps far from the default and head_dim != hidden / heads: the logits depend on
+    both (a converter that dropped either would be off by far more than TOL)."""
+    import dataclasses
+
+    hf = make_hf(family, tmp_path / "hf", kv=2, eps=0.05, head_dim=16, max_position_embeddings=96)
+    ref = torch_logits(hf, tokens)
+    m = load_pretrained(tmp_path / "hf")
+    assert (m.cfg.rms_norm_eps, m.cfg.head_dim, m.cfg.max_seq_len) == (0.05, 16, 96)
+    err = maxdiff(ours(m, tokens), ref)
+    assert err < TOL
+    from specdiff_jax.checkpoint import fill_model
+    from flax import nnx
+
+    default_eps = fill_model(dataclasses.replace(m.cfg, rms_norm_eps=1e-6), nnx.to_pure_dict(nnx.state(m, nnx.Param)))
+    assert maxdiff(ours(default_eps, tokens), ref) > 100 * TOL  # the eps is visible in the logits
+    to_hf(m, tmp_path / "back")
+    hf2 = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "back").eval()
+    assert (hf2.config.rms_norm_eps, hf2.config.head_dim) == (0.05, 16)
+    err_out = maxdiff(torch_logits(hf2, tokens), ref)
+    assert err_out < TOL
+    PARITY[f"{family} rms_norm_eps=0.05 head_dim=16"] = max(err, err_out)
 
 
 # --- CLI -----------------------------------------------------------------------------------------------------
