@@ -107,6 +107,9 @@ def _round(s: KernelSpec, G: int, verifier, dmodel, c: dict, kd: Array, ka: Arra
     vpos = L[:, None] + jnp.tile(j, K)[None]
     vmask = block_diag(K, np.tril(np.ones((G + 1, G + 1), bool)))
     logits, kv, vv = verifier.forward(vt.reshape(B, K * (G + 1)), vpos, vmask, vc)
+    # Every read of the cache is done once the forward's outputs exist; saying so lets XLA update the loop-carried
+    # cache in place below instead of copying every layer's buffer each round.
+    vc, logits, kv, vv = jax.lax.optimization_barrier((vc, logits, kv, vv))
     p = p_verifier(s, logits.reshape(B, K, G + 1, -1))
     # ---- select + accept
     n, nxt, chain = accept(s, p, q, drafts, ka)

@@ -28,14 +28,17 @@ class ARDrafter(Drafter):
         B = pend.shape[0]
         D0 = dcache.lengths
         logits, k, v = d.forward(pend, D0[:, None] + jnp.arange(pend.shape[1])[None], causal(pend.shape[1]), dcache)
+        lg1 = rows_at(logits, jnp.maximum(pend_n - 1, 0))
+        dcache, k, v, lg1 = jax.lax.optimization_barrier((dcache, k, v, lg1))  # in-place write (kernel.py)
         dcache = dcache.write(k, v, D0).with_lengths(D0 + pend_n)
         keys = jax.random.split(key, G)
-        q_1 = q_drafter(s, rows_at(logits, jnp.maximum(pend_n - 1, 0)))
+        q_1 = q_drafter(s, lg1)
         x_1 = sample(keys[0], q_1)
 
         def step(carry, k_j):
             cache, x_prev = carry
             lg, kk, vv = d.forward(x_prev[:, None], cache.lengths[:, None], causal(1), cache)
+            cache, lg, kk, vv = jax.lax.optimization_barrier((cache, lg, kk, vv))
             cache = cache.append(kk, vv, jnp.ones((B,), jnp.int32))
             q_j = q_drafter(s, lg[:, 0])
             x_j = sample(k_j, q_j)

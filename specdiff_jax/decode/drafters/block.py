@@ -42,13 +42,16 @@ class BlockDrafter(Drafter):
         bm = jnp.where((ii < Pn)[None], pend_part[None], block_part)
         pos = jnp.where(i[None] < Pn, D0[:, None] + i[None], (D0 + pend_n)[:, None] + (i[None] - Pn))
         logits, k, v = d.forward(toks, pos, bm, dcache)
-        dcache = dcache.write(k[:, :, :Pn], v[:, :, :Pn], D0).with_lengths(D0 + pend_n)
         if s.logit_shift:
             first = rows_at(logits, jnp.maximum(pend_n - 1, 0))  # q_1 from the last committed token
             lg = jnp.concatenate([first[:, None], logits[:, Pn: Pn + G - 1]], axis=1)
         else:
             first = None
             lg = logits[:, Pn: Pn + G]
+        # the logits used are computed (every read of the cache done) before the cache is written: in place, no
+        # copy of the loop-carried buffers (kernel.py); only the used positions go through the LM head
+        dcache, k, v, lg, first = jax.lax.optimization_barrier((dcache, k, v, lg, first))
+        dcache = dcache.write(k[:, :, :Pn], v[:, :, :Pn], D0).with_lengths(D0 + pend_n)
         q1 = q_drafter(s, lg)
 
         def rerun(block):  # [B, K, G] -> q [B, K, G, V]; the prefix cache already holds the pending tokens
