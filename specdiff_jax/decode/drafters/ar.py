@@ -16,12 +16,7 @@ Array = jax.Array
 class ARDrafter(Drafter):
     kind = "ar"
     needs_cache = True
-
-    def init(self, s: KernelSpec, model, tokens, lens, encode) -> dict:
-        B = tokens.shape[0]
-        t_last = rows_at(tokens, lens - 1)
-        return dict(dcache=encode(model, s.dcap), pend=jnp.zeros((B, 2), jnp.int32).at[:, 0].set(t_last),
-                    pend_n=jnp.ones((B,), jnp.int32))
+    pending = 2  # the 1-2 tokens committed last round that are not in the cache yet
 
     def draft(self, s: KernelSpec, d, state, seq, slen, G: int, key):
         pend, pend_n, dcache = state["pend"], state["pend_n"], state["dcache"]

@@ -17,8 +17,9 @@ cache, pending tokens) in the kernel's carry. The kernel's verify / select / acc
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 
-from specdiff_jax.decode.spec import KernelSpec
+from specdiff_jax.decode.spec import KernelSpec, rows_at
 
 Array = jax.Array
 
@@ -26,9 +27,18 @@ Array = jax.Array
 class Drafter:
     kind = "none"
     needs_cache = False  # whether prefill encodes the prompt into a drafter KV cache
+    pending = 0  # cached drafters: slots for the tokens committed but not yet in the drafter's cache
 
     def init(self, s: KernelSpec, model, tokens: Array, lens: Array, encode) -> dict:
-        return {}
+        """Cached drafters: the prompt but its last token in the cache, that token pending."""
+        if not self.needs_cache:
+            return {}
+        B = tokens.shape[0]
+        pend = jnp.zeros((B, self.pending_slots(s)), jnp.int32).at[:, 0].set(rows_at(tokens, lens - 1))
+        return dict(dcache=encode(model, s.dcap), pend=pend, pend_n=jnp.ones((B,), jnp.int32))
+
+    def pending_slots(self, s: KernelSpec) -> int:
+        return self.pending
 
     def draft(self, s: KernelSpec, model, state: dict, seq: Array, slen: Array, gamma: int, key: Array):
         raise NotImplementedError

@@ -23,11 +23,8 @@ class BlockDrafter(Drafter):
     kind = "block"
     needs_cache = True
 
-    def init(self, s: KernelSpec, model, tokens, lens, encode) -> dict:
-        B = tokens.shape[0]
-        t_last = rows_at(tokens, lens - 1)
-        return dict(dcache=encode(model, s.dcap), pend=jnp.zeros((B, s.gamma + 1), jnp.int32).at[:, 0].set(t_last),
-                    pend_n=jnp.ones((B,), jnp.int32))
+    def pending_slots(self, s: KernelSpec) -> int:
+        return s.gamma + 1  # a whole round's tokens (largest gamma + 1) go through the next forward
 
     def draft(self, s: KernelSpec, d, state: dict, seq, slen, G: int, key):
         pend, pend_n, dcache = state["pend"], state["pend_n"], state["dcache"]
