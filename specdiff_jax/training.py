@@ -44,12 +44,19 @@ from specdiff_jax.checkpoint import save_pretrained
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.config.run import RunConfig, TrainConfig, save_config, validate
 from specdiff_jax.hf_checkpoint import load_pretrained
-from specdiff_jax.data import corpus, pipeline
+from specdiff_jax.data import corpus
 from specdiff_jax.data.sharded import ShardedStream
 from specdiff_jax.model import Transformer, abstract_model
 from specdiff_jax.objectives import Objective, make_objective
 from specdiff_jax.rundir import TrainingDiverged, TrainingError
 from specdiff_jax.tokenizer import load_tokenizer
+
+
+def _pipeline():
+    """The Grain input pipeline, imported where training data is built (decoding-only machines lack Grain)."""
+    from specdiff_jax.data import pipeline
+
+    return pipeline
 
 __all__ = ["Hooks", "TrainResult", "TrainingDiverged", "TrainingError", "programs", "restore_checkpoint", "train"]
 
@@ -315,7 +322,7 @@ def build_data(cfg: RunConfig, tokenizer=None):
         print(f"warning: the validation split of {d.data_dir} has {len(val_src)} documents: no validation "
               "(raise data.val_fraction and prepare the corpus again)", flush=True)
     elif d.val_batches:
-        val_ds = pipeline.packed_dataset(val_src, tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=0,
+        val_ds = _pipeline().packed_dataset(val_src, tokenizer, seq_len=d.seq_len, batch_size=local_batch, seed=0,
                                          shuffle=False, num_epochs=1, shard_index=pid, shard_count=nproc)
         for i, b in enumerate(val_ds):
             if i >= d.val_batches:
@@ -332,7 +339,7 @@ def sharded_training_stream(cfg: RunConfig, source, tokenizer):
     """
     d = cfg.data
     return ShardedStream(
-        lambda i, n, b: pipeline.packed_dataset(source, tokenizer, seq_len=d.seq_len, batch_size=b, seed=d.seed,
+        lambda i, n, b: _pipeline().packed_dataset(source, tokenizer, seq_len=d.seq_len, batch_size=b, seed=d.seed,
                                                 shuffle=True, num_epochs=None, shard_index=i, shard_count=n),
         num_shards=d.num_shards or jax.process_count(), batch_size=d.batch_size,
         process_index=jax.process_index(), process_count=jax.process_count())

@@ -30,6 +30,7 @@ fraction of 2**32, fall below `val_fraction` (at least one file is always held o
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -40,7 +41,6 @@ import time
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import tensorflow_datasets as tfds
 
 DATASET_NAME = "python_source"
 DATASET_VERSION = "1.0.0"
@@ -321,47 +321,54 @@ def select_files(sources: Sequence[str] = DEFAULT_SOURCES, *, val_fraction: floa
 # ----------------------------------------------------------------------------------------------- TFDS builder
 
 
-class PythonSource(tfds.core.GeneratorBasedBuilder):
-    """Python source files (text, path, sha) from local trees, split train / validation by file hash."""
+@functools.cache
+def _python_source():
+    """The TFDS builder class (defined on first use: importing this module needs no tensorflow-datasets)."""
+    import tensorflow_datasets as tfds
 
-    name = DATASET_NAME
-    VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: "Local Python sources, de-duplicated, HumanEval-decontaminated."}
-    # Nothing is downloaded, so there are no URL checksums to look up. (TFDS's lookup goes through `code_path`,
-    # which needs the optional `importlib_resources` package.)
-    url_infos = None
+    class PythonSource(tfds.core.GeneratorBasedBuilder):
+        """Python source files (text, path, sha) from local trees, split train / validation by file hash."""
 
-    def __init__(self, *, sources: Sequence[str] = DEFAULT_SOURCES, select_kwargs: dict | None = None, **kwargs):
-        # Set before super().__init__, which already builds DatasetInfo.
-        self._sources = list(sources)
-        self._select_kwargs = dict(select_kwargs or {})
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
+        name = DATASET_NAME
+        VERSION = tfds.core.Version(DATASET_VERSION)
+        RELEASE_NOTES = {DATASET_VERSION: "Local Python sources, de-duplicated, HumanEval-decontaminated."}
+        # Nothing is downloaded, so there are no URL checksums to look up. (TFDS's lookup goes through `code_path`,
+        # which needs the optional `importlib_resources` package.)
+        url_infos = None
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "text": tfds.features.Text(),
-                "path": tfds.features.Text(),
-                "sha": tfds.features.Text(),
-            }),
-            metadata=tfds.core.MetadataDict(),
-        )
+        def __init__(self, *, sources: Sequence[str] = DEFAULT_SOURCES, select_kwargs: dict | None = None, **kwargs):
+            # Set before super().__init__, which already builds DatasetInfo.
+            self._sources = list(sources)
+            self._select_kwargs = dict(select_kwargs or {})
+            kwargs.setdefault("file_format", "array_record")
+            super().__init__(**kwargs)
 
-    def _split_generators(self, dl_manager):
-        del dl_manager  # nothing is downloaded
-        files, stats = select_files(self._sources, **self._select_kwargs)
-        self.info.metadata.update(stats=stats, args=self.corpus_args())
-        return {split: self._generate_examples([f for f in files if f.split == split]) for split in SPLITS}
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=__doc__,
+                features=tfds.features.FeaturesDict({
+                    "text": tfds.features.Text(),
+                    "path": tfds.features.Text(),
+                    "sha": tfds.features.Text(),
+                }),
+                metadata=tfds.core.MetadataDict(),
+            )
 
-    def _generate_examples(self, files: Iterable[CorpusFile]):
-        for f in files:
-            yield f.sha, {"text": f.text, "path": f.path, "sha": f.sha}
+        def _split_generators(self, dl_manager):
+            del dl_manager  # nothing is downloaded
+            files, stats = select_files(self._sources, **self._select_kwargs)
+            self.info.metadata.update(stats=stats, args=self.corpus_args())
+            return {split: self._generate_examples([f for f in files if f.split == split]) for split in SPLITS}
 
-    def corpus_args(self) -> dict[str, Any]:
-        return {"sources": [_describe_source(s) for s in self._sources], **self._select_kwargs}
+        def _generate_examples(self, files: Iterable[CorpusFile]):
+            for f in files:
+                yield f.sha, {"text": f.text, "path": f.path, "sha": f.sha}
+
+        def corpus_args(self) -> dict[str, Any]:
+            return {"sources": [_describe_source(s) for s in self._sources], **self._select_kwargs}
+
+    return PythonSource
 
 
 def _describe_source(src: str) -> str:
@@ -397,7 +404,7 @@ def prepare_corpus(data_dir: str, source_dirs: list[str] | None = None, *, val_f
     for s in sources:
         if s not in DEFAULT_SOURCES:
             _source_groups([s], site_packages_max_bytes=0, package_max_bytes=0)
-    builder = PythonSource(data_dir=str(data_dir), sources=sources, select_kwargs=select_kwargs)
+    builder = _python_source()(data_dir=str(data_dir), sources=sources, select_kwargs=select_kwargs)
     ds_dir = _dataset_dir(data_dir)
     if (ds_dir / "dataset_info.json").exists():
         old = _read_metadata(ds_dir).get("args")
@@ -407,8 +414,10 @@ def prepare_corpus(data_dir: str, source_dirs: list[str] | None = None, *, val_f
             raise CorpusError(f"{ds_dir} already holds a corpus prepared with other arguments ({old}); pass "
                               f"overwrite=True (--overwrite) or choose another data_dir")
         shutil.rmtree(ds_dir)
-        builder = PythonSource(data_dir=str(data_dir), sources=sources, select_kwargs=select_kwargs)
+        builder = _python_source()(data_dir=str(data_dir), sources=sources, select_kwargs=select_kwargs)
     t0 = time.perf_counter()
+    import tensorflow_datasets as tfds
+
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
     stats = dict(_read_metadata(ds_dir)["stats"])
@@ -468,6 +477,8 @@ class TextSource:
 def load_split(data_dir: str, split: str) -> TextSource:
     """Random-access source over a prepared split ("train" or "validation"); items have "text" as str."""
     ds_dir = _find_prepared(data_dir)
+    import tensorflow_datasets as tfds
+
     builder = tfds.builder_from_directory(str(ds_dir))
     if split not in builder.info.splits:
         raise CorpusError(f"split {split!r} not in the corpus at {str(ds_dir)!r}: choose one of "

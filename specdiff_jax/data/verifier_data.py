@@ -21,6 +21,7 @@ the corpus and the overlap counts.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import re
@@ -28,7 +29,6 @@ from pathlib import Path
 from typing import Iterable, Sequence
 
 import numpy as np
-import tensorflow_datasets as tfds
 
 from specdiff_jax.data import corpus
 
@@ -220,50 +220,57 @@ def assign_splits(num_prompts: int, validation_fraction: float) -> list[str]:
 # ============================================================================================ TFDS builder
 
 
-class VerifierCompletions(tfds.core.GeneratorBasedBuilder):
-    """Completions sampled from a verifier on training prompts; provenance in the metadata."""
+@functools.cache
+def _verifier_completions():
+    """The TFDS builder class (defined on first use: importing this module needs no tensorflow-datasets)."""
+    import tensorflow_datasets as tfds
 
-    name = DATASET_NAME
-    VERSION = tfds.core.Version(DATASET_VERSION)
-    RELEASE_NOTES = {DATASET_VERSION: "Verifier samples on corpus-train prompts, for calibration."}
-    url_infos = None
+    class VerifierCompletions(tfds.core.GeneratorBasedBuilder):
+        """Completions sampled from a verifier on training prompts; provenance in the metadata."""
 
-    def __init__(self, *, records: Iterable[dict] | None = None, provenance: dict | None = None, **kwargs):
-        self._records = records
-        self._provenance = dict(provenance or {})
-        kwargs.setdefault("file_format", "array_record")
-        super().__init__(**kwargs)
+        name = DATASET_NAME
+        VERSION = tfds.core.Version(DATASET_VERSION)
+        RELEASE_NOTES = {DATASET_VERSION: "Verifier samples on corpus-train prompts, for calibration."}
+        url_infos = None
 
-    def _info(self) -> tfds.core.DatasetInfo:
-        return tfds.core.DatasetInfo(
-            builder=self,
-            description=__doc__,
-            features=tfds.features.FeaturesDict({
-                "prompt": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "completion": tfds.features.Tensor(shape=(None,), dtype=np.int32),
-                "prompt_index": tfds.features.Scalar(dtype=np.int64),
-                "sample_index": tfds.features.Scalar(dtype=np.int32),
-                "source": tfds.features.Text(),
-            }),
-            metadata=tfds.core.MetadataDict(),
-        )
+        def __init__(self, *, records: Iterable[dict] | None = None, provenance: dict | None = None, **kwargs):
+            self._records = records
+            self._provenance = dict(provenance or {})
+            kwargs.setdefault("file_format", "array_record")
+            super().__init__(**kwargs)
 
-    def _split_generators(self, dl_manager):
-        del dl_manager
-        if self._records is None:
-            raise ValueError("VerifierCompletions is written by train/generate_data.py (records=...); read an "
-                             "existing one with load_completions(data_dir, split)")
-        recs = list(self._records)
-        self.info.metadata.update(provenance=self._provenance)
-        return {s: self._generate_examples([r for r in recs if r["split"] == s]) for s in SPLITS
-                if any(r["split"] == s for r in recs)}  # TFDS refuses empty splits
+        def _info(self) -> tfds.core.DatasetInfo:
+            return tfds.core.DatasetInfo(
+                builder=self,
+                description=__doc__,
+                features=tfds.features.FeaturesDict({
+                    "prompt": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "completion": tfds.features.Tensor(shape=(None,), dtype=np.int32),
+                    "prompt_index": tfds.features.Scalar(dtype=np.int64),
+                    "sample_index": tfds.features.Scalar(dtype=np.int32),
+                    "source": tfds.features.Text(),
+                }),
+                metadata=tfds.core.MetadataDict(),
+            )
 
-    def _generate_examples(self, recs):
-        for r in recs:
-            key = f"{r['prompt_index']}-{r['sample_index']}"
-            yield key, {"prompt": np.asarray(r["prompt"], np.int32), "completion": np.asarray(r["completion"], np.int32),
-                        "prompt_index": int(r["prompt_index"]), "sample_index": int(r["sample_index"]),
-                        "source": r["source"]}
+        def _split_generators(self, dl_manager):
+            del dl_manager
+            if self._records is None:
+                raise ValueError("VerifierCompletions is written by train/generate_data.py (records=...); read an "
+                                 "existing one with load_completions(data_dir, split)")
+            recs = list(self._records)
+            self.info.metadata.update(provenance=self._provenance)
+            return {s: self._generate_examples([r for r in recs if r["split"] == s]) for s in SPLITS
+                    if any(r["split"] == s for r in recs)}  # TFDS refuses empty splits
+
+        def _generate_examples(self, recs):
+            for r in recs:
+                key = f"{r['prompt_index']}-{r['sample_index']}"
+                yield key, {"prompt": np.asarray(r["prompt"], np.int32), "completion": np.asarray(r["completion"], np.int32),
+                            "prompt_index": int(r["prompt_index"]), "sample_index": int(r["sample_index"]),
+                            "source": r["source"]}
+
+    return VerifierCompletions
 
 
 def dataset_dir(data_dir: str | Path) -> Path:
@@ -278,7 +285,9 @@ def write_dataset(data_dir: str | Path, records: Iterable[dict], provenance: dic
     ds = dataset_dir(data_dir)
     if ds.exists():
         shutil.rmtree(ds)
-    builder = VerifierCompletions(data_dir=str(data_dir), records=records, provenance=provenance)
+    builder = _verifier_completions()(data_dir=str(data_dir), records=records, provenance=provenance)
+    import tensorflow_datasets as tfds
+
     builder.download_and_prepare(
         download_config=tfds.download.DownloadConfig(compute_stats=tfds.download.ComputeStatsMode.SKIP))
     return ds
@@ -315,6 +324,8 @@ class CompletionSource:
 
 def load_completions(data_dir: str | Path, split: str) -> CompletionSource:
     ds = _find(data_dir)
+    import tensorflow_datasets as tfds
+
     builder = tfds.builder_from_directory(str(ds))
     if split not in builder.info.splits:
         raise ValueError(f"split {split!r} not in {str(ds)!r}: choose one of {sorted(builder.info.splits.keys())}")
