@@ -50,7 +50,7 @@ def load_bench_config(path: str | None, overrides: list[str]) -> BenchConfig:
     try:
         cfg = load_section("bench", path, overrides)
     except ConfigError as e:
-        raise BenchError(str(e)) from None
+        raise BenchError(f"benchmark config {path!r}: {e}" if path is not None else str(e)) from None
     bad = [m for m in cfg.methods if m not in ALL_METHODS]
     if bad:
         raise BenchError(f"unknown method {bad[0]!r} in methods; choose from {', '.join(ALL_METHODS)}")

@@ -319,7 +319,7 @@ def test_generate_bad_input(w, case, expected, capsys):
     ("verifier_truncated", "truncated or corrupted"),
     ("verifier_is_a_drafter", "ar at temperature 0, batch 1: the verifier is a block_causal model"),
     ("vocab", "drafter/verifier vocabulary mismatch"),
-    ("no_mask", "specdiff at temperature 0, batch 1 [gamma=4, num_drafts=1, denoise_steps=1, draft_temperature=1.0]"
+    ("no_mask", "specdiff at temperature 0, batch 1 [gamma=4, num_drafts=1, denoise_steps=1, draft_temperature=0.0]"
                 ": method='specdiff' needs a diffusion drafter with a mask token"),
     ("sps_not_causal", "method='sps' needs a causal AR drafter"),
     ("capacity", "ar at temperature 0, batch 1: prompt length 8 + max_new_tokens 60 + gamma 0 = 68 exceeds"),
@@ -328,7 +328,7 @@ def test_generate_bad_input(w, case, expected, capsys):
     ("draft_temperature", "draft_temperature=-1.0 must be >= 0"),
     ("empty_prompt", "prompt val/0 (validation) encodes to no tokens"),
     ("binary_validation_file", "is not a UTF-8 JSONL file"),
-    ("binary_config", "benchmark config"), ("typo", "unknown benchmark config key 'specdiff_gama'; did you mean"),
+    ("binary_config", "benchmark config"), ("typo", "unknown config key 'bench.specdiff_gama' (from command line); did you mean bench.specdiff_gamma"),
 ])
 def test_benchmark_bad_input_is_refused_before_any_timing(w, case, expected, capsys, monkeypatch, tmp_path):
     import eval.benchmark as bench
