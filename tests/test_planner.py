@@ -148,3 +148,12 @@ def test_analytic_cost_model():
     assert 2.5 < cm.verify_ms(1) < 4.5  # about 15 GB of bf16 weights over 4.8 TB/s: 3.2 ms
     with pytest.raises(ValueError, match="unknown"):
         cost.analytic(q7, accelerator="tpu-v9")
+
+
+def test_adaptive_round_costs_come_from_the_cost_model(models):
+    cm = cpu_like_cost(verify_slope=0.5)
+    dec = Decoder(models["v"], models["block"], method="specdiff2", max_new_tokens=N, gamma=8,
+                  adaptive_gamma=[2, 4, 8], cost_model=cm)
+    assert dec._round_costs == tuple(cm.round_ms("block", g) for g in (2, 4, 8))
+    assert Decoder(models["v"], models["block"], method="specdiff2", max_new_tokens=N, gamma=8,
+                   adaptive_gamma=[2, 4, 8])._round_costs == (1.25, 1.5, 2.0)  # no cost model: the CPU-like slope

@@ -16,9 +16,8 @@ class Decoder(core.Decoder):
                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                             max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, cost_model=a["cost_model"],
                             max_gamma=a["gamma"], adaptive=a["adaptive"])
+        self.cost_model = plan.cost_model
         self._configure(plan.method, plan.drafter, **plan.settings)
-        if plan.round_costs:
-            self._round_costs = plan.round_costs
         self.plan, self._auto = plan, None
 
 

@@ -160,7 +160,7 @@ class Decoder:
 
             self._placement = (mesh, tuple(rules) if rules is not None else shd.DEFAULT_AXIS_RULES)
             self._vstate = shd.place_state(self._vstate, *self._placement)
-        self.plan = None
+        self.plan, self.cost_model = None, cost_model
         if method == "auto":
             cands = drafter if isinstance(drafter, (list, tuple)) else ([drafter] if drafter is not None else [])
             self._auto = dict(candidates=list(cands), cost_model=cost_model, gamma=gamma,
@@ -189,12 +189,19 @@ class Decoder:
         self.method, self.rule, self.dkind = method, rule, dkind
         self.gamma, self.num_drafts, self.denoise_steps = gamma, num_drafts, denoise_steps
         self.draft_temperature, self.gammas = float(draft_temperature), gammas
-        self._round_costs = tuple(1.0 + g / 8.0 for g in gammas)  # replaced by the cost model's when planned
+        self._round_costs = self._costs(dkind, gammas, num_drafts, denoise_steps)
         self._gd, self._dstate = nnx.split(drafter) if dkind != "none" else (None, None)
         if self._placement is not None and self._dstate is not None:
             from specdiff_jax import sharding as shd
 
             self._dstate = shd.place_state(self._dstate, *self._placement)
+
+    def _costs(self, kind: str, gammas: tuple, num_drafts: int, steps: int) -> tuple:
+        """Relative round cost at each adaptive block size: the cost model's when the Decoder has one (given, or
+        the planner's), else verifying g+1 positions at the slope of a 2-core CPU (1 + g/8 one-token forwards)."""
+        if self.cost_model is not None:
+            return tuple(self.cost_model.round_ms(kind, g, num_drafts, steps) for g in gammas)
+        return tuple(1.0 + g / 8.0 for g in gammas)
 
     def _resolve_auto(self, prompts) -> None:
         """Resolve method="auto" into concrete settings at the first prefill (`api.Decoder` plans here)."""

@@ -34,7 +34,7 @@ class Plan:
     expected_tokens: float  # per row-round
     round_ms: float
     alpha: float  # per-token acceptance estimate at the chosen gamma (seeds adaptive gamma)
-    round_costs: tuple = ()
+    cost_model: cost.CostModel | None = None  # the one the prediction came from (adaptive gamma's round costs)
     candidates: list = dataclasses.field(default_factory=list)  # every setting considered, with predictions
     source: str = ""
 
@@ -137,17 +137,16 @@ def plan(verifier, candidates: list, *, prompts, temperature: float, top_k: int 
         settings = dict(gamma=1, num_drafts=1, denoise_steps=1, draft_temperature=0.0, acceptance="auto",
                         adaptive_gamma=False)
         return Plan("ar", None, settings, best["predicted_tokens_per_s"], 1.0, best["round_ms"], 0.0,
-                    candidates=table, source=cm.source)
+                    cost_model=cm, candidates=table, source=cm.source)
     opt, kind, rate = profiles[best["index"]]
     g = best["gamma"]
     judged = 1.0 + sum(rate[: g - 1])  # position j is judged when j-1 drafts were accepted
     alpha = float(sum(rate[:g]) / max(judged, 1e-9))
-    gammas, costs = (), ()
+    gammas = ()
     if adaptive:
         gammas = tuple(sorted({x for x in (max(1, g // 2), g, min(2 * g, max_gamma, len(rate))) if x >= 1}))
-        costs = tuple(cm.round_ms(kind, x, opt["num_drafts"]) for x in gammas)
     settings = dict(gamma=max(gammas) if gammas else g, num_drafts=opt["num_drafts"], denoise_steps=1,
                     draft_temperature=opt["draft_temperature"], acceptance=opt["acceptance"],
                     adaptive_gamma=gammas or False)
     return Plan(opt["method"], models[best["index"]], settings, best["predicted_tokens_per_s"],
-                best["expected_tokens"], best["round_ms"], alpha, costs, table, cm.source)
+                best["expected_tokens"], best["round_ms"], alpha, cm, table, cm.source)
