@@ -244,6 +244,7 @@ def _accumulate(agg: dict, st: dict) -> None:
         agg[k] = agg.get(k, 0) + np.asarray(st[k], np.int64)
     for k in ("tokens", "verifier_calls", "drafter_calls"):
         agg[k] = agg.get(k, 0) + int(st[k])
+    agg["calls"] = agg.get("calls", 0) + 1
     agg["row_rounds"] = agg.get("row_rounds", 0) + int(sum(st["row_verifier_calls"]))
     for g, n in (st.get("gamma_rounds") or {}).items():
         agg.setdefault("gamma_rounds", {})[g] = agg.get("gamma_rounds", {}).get(g, 0) + n
@@ -265,7 +266,8 @@ def _predicted(dec, cm: cost.CostModel, agg: dict, total_decode: float) -> dict:
     kind = dec.dkind
     verify = sum(n * cm.verify_ms(1 if kind == "none" else K * (g + 1)) for g, n in rounds.items())
     draft = sum(n * cm.draft_ms(kind, g, K, T) for g, n in rounds.items())
-    model_s = 1e-3 * (verify + draft + agg["verifier_calls"] * cm.fixed_ms)
+    rest = sum(n * cm.round_overhead_ms(kind, 1 if kind == "none" else K * (g + 1)) for g, n in rounds.items())
+    model_s = 1e-3 * (verify + draft + rest + agg["calls"] * cm.call_ms)
     pred = agg["tokens"] / model_s if model_s > 0 else None
     return {"predicted_tokens_per_s": pred, "verify_share": 1e-3 * verify / total_decode,
             "draft_share": 1e-3 * draft / total_decode,
@@ -709,7 +711,8 @@ def _cost_lines(result: dict) -> list[str]:
         qs = " | ".join(str(q) for q in cm["verifier_q"])
         rel = " | ".join(f"{m / cm['verifier_ms'][0]:.2f}" for m in cm["verifier_ms"])
         out += [f"Batch {b}, context {cm['ctx']}: verifier forward {cm['verifier_ms'][0]:.3f} ms at Q=1, fixed "
-                f"part of a round {cm['fixed_ms']:.3f} ms ({cm['source']}, {cm['device']}).", "",
+                f"part of an ar step {cm['fixed_ms']:.3f} ms, per decode call {cm.get('call_ms', 0.0):.2f} ms "
+                f"({cm['source']}, {cm['device']}).", "",
                 f"| Q | {qs} |", "|---|" + "---|" * len(cm["verifier_q"]), f"| cost vs Q=1 | {rel} |", ""]
     return out
 

@@ -5,9 +5,13 @@ drafter's forwards, and a fixed part outside the models (sampling, cache and seq
 
     t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_rest(kind, K * (gamma + 1))
 
+and a decode call adds a fixed `call_ms` (starting the loop, its output buffers, the final statistics), which
+short decodes feel: a call of R rounds costs call_ms + R * t_round.
+
 `measure` times the real forwards on this device (bare `Transformer.forward` calls inside a jitted loop, so
-dispatch is excluded), and the part of a round outside the forwards from short real decodes (`ar`, and each
-speculative drafter kind at two draft lengths, fitted linearly in the number of verified positions). The result is
+dispatch is excluded), and the part of a round outside the forwards from short real decodes: `ar` at two decode
+lengths (the difference is the per-step cost, the rest the per-call cost), and each speculative drafter kind at
+two draft lengths, fitted linearly in the number of verified positions. The result is
 cached on disk under a key of the device kind, the models' fingerprints, the batch and the context bucket, so
 another device or another model never reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
 bandwidth in `ACCELERATORS`), to ask what a pair would do on hardware one does not have.
@@ -93,6 +97,11 @@ class CostModel:
     window: int = 0  # bidirectional drafters: committed tokens re-encoded per round
     # speculative rounds, per drafter kind: ms outside the modelled forwards = a + b * (verified positions)
     overhead: dict = dataclasses.field(default_factory=dict)
+    call_ms: float = 0.0  # per decode call, whatever its length
+
+    def call_ms_per_round(self, new_tokens: int, expected_tokens: float) -> float:
+        """The per-call cost spread over the rounds of a `new_tokens` decode emitting `expected_tokens` a round."""
+        return self.call_ms * expected_tokens / max(new_tokens, 1)
 
     def verify_ms(self, q: int) -> float:
         return _interp(self.verifier_q, self.verifier_ms, q)
@@ -130,24 +139,30 @@ class CostModel:
         return cls(**d)
 
 
-def _round_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int) -> float:
-    """Measured ms per round of a short greedy decode at this context (drafts argmax)."""
-    n = 32
+def _call_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, n: int = 64) -> tuple[float, int]:
+    """Median ms of a greedy `n`-token decode call at this context (drafts argmax), and its rounds."""
     prompt_len = max(1, min(ctx, verifier.cfg.max_seq_len - n - gamma - 1) - n // 2)
     prompts = [[3 + (i * 7 + b) % 50 for i in range(prompt_len)] for b in range(batch)]
     dec = Decoder(verifier, drafter, method=method, max_new_tokens=n, eos_id=None, gamma=max(gamma, 1),
                   draft_temperature=0.0)
     state = dec.prefill(prompts)
     jax.block_until_ready(dec.decode_raw(state, 0))
-    ts = []
-    for r in range(3):
+    ts, rounds = [], 1
+    for r in range(5):
         state = dec.prefill(prompts)
         jax.block_until_ready(state["carry"])
         t0 = time.perf_counter()
         raw = dec.decode_raw(state, r)
         jax.block_until_ready(raw)
-        ts.append((time.perf_counter() - t0) / max(int(raw[2]["rounds"]), 1))
-    return 1e3 * statistics.median(ts)
+        ts.append(time.perf_counter() - t0)
+        rounds = max(int(raw[2]["rounds"]), 1)
+    return 1e3 * statistics.median(ts), rounds
+
+
+def _round_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, call_ms: float) -> float:
+    """Measured ms per round of a short greedy decode, its per-call cost taken out."""
+    t, rounds = _call_ms(verifier, drafter, method, gamma, batch, ctx)
+    return max(t - call_ms, 0.0) / rounds
 
 
 def _overheads(cm: "CostModel", verifier, drafters: dict, batch: int) -> dict:
@@ -157,8 +172,8 @@ def _overheads(cm: "CostModel", verifier, drafters: dict, batch: int) -> dict:
     for kind, method in (("ar", "sps"), ("block", "specdiff2")):
         if kind not in drafters:
             continue
-        pts = [(g + 1, _round_ms(verifier, drafters[kind], method, g, batch, cm.ctx) - cm.verify_ms(g + 1)
-                - cm.draft_ms(kind, g)) for g in (2, 8)]
+        pts = [(g + 1, _round_ms(verifier, drafters[kind], method, g, batch, cm.ctx, cm.call_ms)
+                - cm.verify_ms(g + 1) - cm.draft_ms(kind, g)) for g in (2, 8)]
         b = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
         out[kind] = (pts[0][1] - b * pts[0][0], b)
     return out
@@ -170,7 +185,7 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
     in ar | block | bidir) on this device at `batch` rows and a context of about `ctx` tokens."""
     drafters = drafters or {}
     ctx = ctx_bucket(ctx)
-    key = "_".join(["v2", device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
+    key = "_".join(["v3", device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
                     *[f"{k}-{fingerprint(m)}" for k, m in sorted(drafters.items())], f"b{batch}", f"c{ctx}"])
     path = cache_dir() / "cost" / f"{key}.json"
     if use_cache and path.is_file():
@@ -196,8 +211,11 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
             dq[kind] = qs
             dms[kind] = tuple(1e3 * time_forward(m, batch, q, dcap, min(length, dcap - max(qs))) for q in qs)
     say("cost model: timing the fixed part of a round")
-    fixed = max(0.0, _round_ms(verifier, None, "ar", 0, batch, ctx) - vms[0])
-    cm = CostModel("measured", device_kind(), batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window)
+    (short, r_short), (long, r_long) = (_call_ms(verifier, None, "ar", 0, batch, ctx, n) for n in (16, 64))
+    step = max(long - short, 1e-6) / max(r_long - r_short, 1)
+    fixed = max(0.0, step - vms[0])
+    cm = CostModel("measured", device_kind(), batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window,
+                   call_ms=max(0.0, short - r_short * step))
     cm.overhead = _overheads(cm, verifier, drafters, batch)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -99,15 +99,17 @@ def expected_tokens(rate, gamma: int) -> float:
 
 
 def choose(cm: cost.CostModel, profiles: list[tuple[dict, str, list[float]]], batch: int,
-           max_gamma: int) -> tuple[dict, list[dict]]:
-    """The best (setting, gamma) of `profiles` [(option, drafter kind, P(n >= j))] and ar, and the full table."""
-    t_ar = cm.round_ms("none", 0)
+           max_gamma: int, new_tokens: int = 0) -> tuple[dict, list[dict]]:
+    """The best (setting, gamma) of `profiles` [(option, drafter kind, P(n >= j))] and ar, and the full table.
+    With `new_tokens`, each round also carries its share of the per-call cost of a decode that long."""
+    share = (lambda e: cm.call_ms_per_round(new_tokens, e)) if new_tokens else (lambda e: 0.0)  # noqa: E731
+    t_ar = cm.round_ms("none", 0) + share(1.0)
     table = [dict(method="ar", gamma=0, num_drafts=1, draft_temperature=None, acceptance="auto", kind="none",
                   expected_tokens=1.0, round_ms=t_ar, predicted_tokens_per_s=1e3 * batch / t_ar, index=-1)]
     for i, (opt, kind, rate) in enumerate(profiles):
         for g in (g for g in GAMMAS if g <= min(max_gamma, len(rate))):
             e = expected_tokens(rate, g)
-            t = cm.round_ms(kind, g, opt["num_drafts"])
+            t = cm.round_ms(kind, g, opt["num_drafts"]) + share(e)
             table.append(dict(opt, gamma=g, kind=kind, expected_tokens=e, round_ms=t,
                               predicted_tokens_per_s=1e3 * batch * e / t, index=i))
     best = max(table, key=lambda r: r["predicted_tokens_per_s"])
@@ -132,7 +134,7 @@ def plan(verifier, candidates: list, *, prompts, temperature: float, top_k: int 
                            gamma=max_gamma, eos_id=eos_id)
             profiles.append((opt, kind, rate))
             models.append(d)
-    best, table = choose(cm, profiles, batch, max_gamma)
+    best, table = choose(cm, profiles, batch, max_gamma, max_new_tokens)
     if best["method"] == "ar":
         settings = dict(gamma=1, num_drafts=1, denoise_steps=1, draft_temperature=0.0, acceptance="auto",
                         adaptive_gamma=False)
