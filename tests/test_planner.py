@@ -124,7 +124,7 @@ def test_cost_model_cache_is_keyed_by_device_and_model(models, tmp_path, monkeyp
     calls = []
     real = cost.time_forward
     monkeypatch.setattr(cost, "time_forward", lambda *a, **k: calls.append(a[2]) or real(*a, reps=2, **k))
-    monkeypatch.setattr(cost, "_round_ms", lambda *a: 2.0)
+    monkeypatch.setattr(cost, "_call_ms", lambda *a: (2.0 * a[-1], a[-1]))
     cm = cost.measure(models["v"], batch=1, ctx=32)
     assert len(calls) == len(cost.VERIFIER_QS) and all(m > 0 for m in cm.verifier_ms)
     cost.measure(models["v"], batch=1, ctx=32)
@@ -157,3 +157,26 @@ def test_adaptive_round_costs_come_from_the_cost_model(models):
     assert dec._round_costs == tuple(cm.round_ms("block", g) for g in (2, 4, 8))
     assert Decoder(models["v"], models["block"], method="specdiff2", max_new_tokens=N, gamma=8,
                    adaptive_gamma=[2, 4, 8])._round_costs == (1.25, 1.5, 2.0)  # no cost model: the CPU-like slope
+
+
+def test_cost_model_splits_a_call_into_per_call_and_per_step_costs(models, tmp_path, monkeypatch):
+    """ar decodes timed as call_ms + rounds * step (closed form): the fit recovers both parts, the fixed part of a
+    step is the step less the verifier forward, and speculative rounds are fitted with the call cost taken out."""
+    monkeypatch.setenv("SPECDIFF_JAX_CACHE", str(tmp_path))
+    monkeypatch.setattr(cost, "time_forward", lambda m, b, q, *a, **k: 1e-3 * (1.0 + 0.1 * (q - 1)))
+    call, step = 7.0, 1.5
+    spec_round = {2: 4.0, 8: 6.0}  # ms per speculative round at gamma 2 and 8, before the call's share
+
+    def fake_call_ms(verifier, drafter, method, gamma, batch, ctx, n=64):
+        if method == "ar":
+            return call + n * step, n
+        rounds = 10
+        return call + rounds * spec_round[gamma], rounds
+
+    monkeypatch.setattr(cost, "_call_ms", fake_call_ms)
+    cm = cost.measure(models["v"], {"block": models["block"]}, batch=1, ctx=32)
+    assert cm.call_ms == pytest.approx(call) and cm.fixed_ms == pytest.approx(step - 1.0)
+    for g in (2, 8):  # the fitted round equals the timed round per round, the call's cost excluded
+        assert cm.verify_ms(g + 1) + cm.draft_ms("block", g) + cm.round_overhead_ms("block", g + 1) == \
+            pytest.approx(spec_round[g])
+    assert cm.call_ms_per_round(64, 2.0) == pytest.approx(call * 2.0 / 64)
