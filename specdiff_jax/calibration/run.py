@@ -59,8 +59,8 @@ def settings(cfg, max_new_tokens: int, verifier=None):
     return Settings(loss=c.loss, gamma=gamma, stride=c.stride, windows=num_windows(max_new_tokens, c.stride),
                     windows_per_row=c.windows_per_row, temperature=c.temperature,
                     verifier_temperature=c.verifier_temperature, mdlm_t_min=cfg.train.mdlm_t_min,
-                    num_sampleable=m.num_sampleable, mask_id=m.mask_token_id,
-                    verifier_exclude=(verifier.cfg.mask_token_id,) if verifier is not None
+                    num_sampleable=m.num_sampleable, mask_id=m.mask_token_id, draft_window=c.draft_window,
+                    pad_id=m.pad_token_id or 0, verifier_exclude=(verifier.cfg.mask_token_id,) if verifier is not None
                     and verifier.cfg.mask_token_id is not None else ())
 
 

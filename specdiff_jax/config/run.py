@@ -142,6 +142,7 @@ class CalibrateConfig:
     windows_per_row: int = 0
     temperature: float = 1.0
     verifier_temperature: float = 1.0
+    draft_window: int = 512
     eval_prompts: int = 16
     eval_max_new_tokens: int = 128
 
@@ -635,7 +636,7 @@ def _validate_generate(cfg: RunConfig, bad) -> None:
 
 def _validate_calibrate(cfg: RunConfig, bad) -> None:
     c = cfg.calibrate
-    for key in ("stride", "eval_max_new_tokens"):
+    for key in ("stride", "eval_max_new_tokens", "draft_window"):
         if getattr(c, key) <= 0:
             bad(f"calibrate.{key}", getattr(c, key), "must be a positive integer")
     for key in ("windows_per_row", "eval_prompts"):
