@@ -85,6 +85,20 @@ def bidir_window(draft_window: int, gamma: int, seq_len: int, max_seq_len: int) 
     return max(1, min(draft_window, seq_len, max_seq_len - gamma))
 
 
+def step_tokens(model_cfg, *, seq_len: int, gamma: int, stride: int, windows_per_row: int,
+                draft_window: int) -> tuple[int, int, int]:
+    """(queries, keys per query, logit positions) per row of one calibration step, for memory plans.
+
+    block_causal: one causal pass over the row plus windows x gamma block queries against it (keys: the row).
+    bidirectional: windows rows of Wc + gamma tokens (Wc = `bidir_window`), each attending to itself.
+    """
+    windows = windows_per_row or max(seq_len // stride, 1)
+    if model_cfg.attention == "bidirectional":
+        q = bidir_window(draft_window, gamma, seq_len, model_cfg.max_seq_len) + gamma
+        return windows * q, q, windows * gamma
+    return seq_len + windows * gamma, seq_len, windows * gamma
+
+
 def drafter_window_logits(drafter, tokens: Array, starts: Array, block: Array, *, draft_window: int = 512,
                           pad_id: int = 0) -> Array:
     """Drafter logits f32[B, W, G, V] of the windows `[tokens[:t] ; block]` for every start t, in the drafter's
