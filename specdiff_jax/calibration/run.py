@@ -17,6 +17,7 @@ from specdiff_jax.config import ConfigError, ModelConfig, check_verifier
 from specdiff_jax.config.run import validate
 from specdiff_jax.hf_checkpoint import load_pretrained
 from specdiff_jax.data import verifier_data as vd
+from specdiff_jax.data.sharded import ShardedStream
 from specdiff_jax.training import train
 
 EVAL_FILE = "calibration_eval.json"
@@ -73,6 +74,20 @@ def load_verifier(path: str, drafter_cfg):
     return v
 
 
+def training_stream(cfg, source, *, process_index: int | None = None, process_count: int | None = None):
+    """The calibration rows as data.num_shards disjoint shards (0 = one per process), this process's part: as in
+    pre-training (specdiff_jax.data.sharded), the global batches do not depend on the process count, so a run
+    resumes on any process count dividing num_shards with exactly the batches it would have seen."""
+    d = cfg.data
+    n = jax.process_count() if process_count is None else process_count
+    pid = jax.process_index() if process_index is None else process_index
+    return ShardedStream(
+        lambda i, s, bs: vd.calibration_dataset(source, seq_len=d.seq_len, batch_size=bs,
+                                                pad_id=cfg.model.pad_token_id or 0, seed=d.seed, shard_index=i,
+                                                shard_count=s),
+        num_shards=d.num_shards or n, batch_size=d.batch_size, process_index=pid, process_count=n)
+
+
 def run(cfg, *, evaluate_after: bool = True, log=print):
     """Calibrate per `cfg` (resumable). Returns (TrainResult, evaluation dict or None)."""
     cfg, prov = resolve(cfg)
@@ -82,11 +97,7 @@ def run(cfg, *, evaluate_after: bool = True, log=print):
         verifier = load_verifier(cfg.calibrate.verifier, cfg.model)
     s = settings(cfg, int(prov["sampling"]["max_new_tokens"]), verifier)
     objective = make_objective(s, verifier if need_v else None)
-    train_src = vd.load_completions(cfg.calibrate.data_dir, "train")
-    nproc = jax.process_count()
-    train_ds = vd.calibration_dataset(train_src, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // nproc,
-                                      pad_id=cfg.model.pad_token_id or 0, seed=cfg.data.seed,
-                                      shard_index=jax.process_index(), shard_count=nproc)
+    train_ds = training_stream(cfg, vd.load_completions(cfg.calibrate.data_dir, "train"))
     val_batches = []
     if cfg.data.val_batches:
         try:
