@@ -203,6 +203,7 @@ class BenchConfig:
     pass_at_1: bool = False
     threads: int = 0
     progress_bar: bool = True
+    mesh: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
