@@ -97,3 +97,68 @@ def test_benchmark_mesh_setting_is_checked():
     for bad in ("[1,2]", "[0,1,1]", "[-1,-1,2]"):
         with pytest.raises(BenchError, match=r"mesh=.*\[data, fsdp, tensor\]"):
             load_bench_config(None, [f"mesh={bad}"])
+
+
+# --- remote work dirs: every project path through etils.epath -----------------------------------------------
+@pytest.fixture
+def fake_bucket(tmp_path, monkeypatch):
+    """`gs://bucket/...` served from a local directory through etils.epath's backend mock: epath calls reach the
+    files, while the builtin open() or pathlib on such a path would write under a local `gs:` directory (the test
+    runs in an empty cwd and checks none appears)."""
+    from etils.epath import testing
+
+    root = tmp_path / "bucket"
+    root.mkdir()
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+
+    def remap(p):
+        s = str(p)
+        return str(root / s[len("gs://bucket/"):]) if s.startswith("gs://bucket/") else s
+
+    def fwd(fn, path, *a, **k):
+        return fn(remap(path), *a, **k)
+
+    def two(fn, src, dst, *a, **k):
+        return fn(remap(src), remap(dst), *a, **k)
+
+    ops = {n: fwd for n in ("exists", "glob", "isdir", "listdir", "makedirs", "mkdir", "open", "remove", "rmtree",
+                            "stat", "walk")}
+    with testing.mock_epath(**ops, copy=two, rename=two, replace=two):
+        yield root
+    assert not any(cwd.iterdir()), f"a path reached the local file system as text: {list(cwd.iterdir())}"
+
+
+def test_work_dir_files_go_through_epath_on_a_gs_path(fake_bucket):
+    """The project's own files of a work dir and a model dir (lock, metrics log, resolved config, evaluation JSON,
+    model config and metadata) on `gs://bucket/run`: written and read back through etils.epath only."""
+    from specdiff_jax import rundir
+    from specdiff_jax.checkpoint import load_metadata
+    from specdiff_jax.config import ModelConfig
+    from specdiff_jax.config.run import save_config
+    from tests.conftest import tiny_config
+
+    run = rundir.as_path("gs://bucket/run")
+    run.mkdir(parents=True)
+    with rundir.WorkdirLock("gs://bucket/run"):
+        assert (fake_bucket / "run" / rundir.LOCK_FILE).read_text().strip().isdigit()
+    assert not (fake_bucket / "run" / rundir.LOCK_FILE).exists()
+    log = rundir.MetricsLog(run, tensorboard=False)  # TensorBoard's writer has its own gs:// client
+    log.write(1, {"loss": 2.0}, "")
+    log.write(2, {"loss": 1.5}, "")
+    again = rundir.MetricsLog("gs://bucket/run", tensorboard=False)  # a resumed run continues the remote log
+    again.write(3, {"loss": 1.0}, "val_")
+    lines = (fake_bucket / "run" / rundir.METRICS_FILE).read_text().splitlines()
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3] and "val_loss" in lines[2]
+    assert not rundir.has_checkpoint("gs://bucket/run")
+    save_config(load_config(None, [f"data.tokenizer={ROOT / 'assets/tiny'}"]), "gs://bucket/run/config.yaml")
+    assert (fake_bucket / "run" / "config.yaml").read_text().startswith("# Resolved run configuration")
+    rundir.write_json("gs://bucket/run", "calibration_eval.json", {"a": 1})
+    assert json.loads((fake_bucket / "run" / "calibration_eval.json").read_text()) == {"a": 1}
+    cfg = tiny_config()
+    rundir.as_path("gs://bucket/model").mkdir()
+    cfg.save("gs://bucket/model/model_config.json")
+    assert ModelConfig.load("gs://bucket/model/model_config.json") == cfg
+    (fake_bucket / "model" / "metadata.json").write_text('{"step": 7}')
+    assert load_metadata("gs://bucket/model") == {"step": 7}

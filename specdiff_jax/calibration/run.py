@@ -5,11 +5,11 @@ the objective, the training loop, and the evaluation of the export. `python -m t
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
+from etils import epath
 
+from specdiff_jax import rundir
 from specdiff_jax.calibration.evaluation import evaluate
 from specdiff_jax.calibration.objective import make_objective
 from specdiff_jax.calibration.windows import Settings, check_drafter, num_windows
@@ -33,7 +33,7 @@ def resolve(cfg):
     if not t.init_from:
         raise ConfigError("train.init_from is not set: calibration fine-tunes a pre-trained diffusion drafter; set "
                           "train.init_from=<model dir> (e.g. assets/tiny/drafter_base)")
-    mc = Path(t.init_from) / "model_config.json"
+    mc = epath.Path(t.init_from) / "model_config.json"
     if not mc.is_file():
         raise ConfigError(f"train.init_from={t.init_from!r} is not a model directory (no model_config.json); point "
                           "it at a save_pretrained export such as assets/tiny/drafter_base")
@@ -67,7 +67,7 @@ def settings(cfg, max_new_tokens: int, verifier=None):
 
 def load_verifier(path: str, drafter_cfg):
     """The verifier at calibrate.verifier=`path`, checked against the drafter's config."""
-    if not Path(path).exists():
+    if not epath.Path(path).exists():
         raise ConfigError(f"calibrate.verifier={path!r} does not exist; set it to the verifier's model directory")
     v = load_pretrained(path)
     check_verifier(v.cfg, f"calibrate.verifier={path!r}", drafter=drafter_cfg)
@@ -118,5 +118,5 @@ def run(cfg, *, evaluate_after: bool = True, log=print):
         ev["loss"] = cfg.calibrate.loss
         ev["settings"] = dataclasses.asdict(s)
         ev["step"] = result.step
-        (Path(cfg.workdir) / EVAL_FILE).write_text(json.dumps(ev, indent=2) + "\n")
+        rundir.write_json(cfg.workdir, EVAL_FILE, ev)
     return result, ev

@@ -666,4 +666,6 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the fully resolved config; `load_config(path)` reads it back to an equal RunConfig."""
-    Path(path).write_text("# Resolved run configuration (written by specdiff_jax.config.run)\n" + to_yaml(cfg))
+    from etils import epath  # the work dir may be remote (gs://...)
+
+    epath.Path(path).write_text("# Resolved run configuration (written by specdiff_jax.config.run)\n" + to_yaml(cfg))
