@@ -24,8 +24,8 @@ from typing import Any, Callable
 
 import ml_dtypes  # noqa: F401  registers numpy's bfloat16, which safetensors' numpy reader needs
 import numpy as np
-from flax import nnx
 from etils import epath
+from flax import nnx
 from flax.nnx import traversals
 
 from specdiff_jax.checkpoint import (
