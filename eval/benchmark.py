@@ -63,6 +63,9 @@ def load_bench_config(path: str | None, overrides: list[str]) -> BenchConfig:
         raise BenchError("no prompts: set humaneval_prompts and/or validation_prompts above 0")
     if any(b < 1 for b in cfg.batch_sizes) or not cfg.batch_sizes:
         raise BenchError("batch_sizes must be a non-empty list of positive integers")
+    if cfg.mesh and (len(cfg.mesh) != 3 or any(n == 0 or n < -1 for n in cfg.mesh) or cfg.mesh.count(-1) > 1):
+        raise BenchError(f"mesh={list(cfg.mesh)} must be [] (one device) or [data, fsdp, tensor] positive sizes, "
+                         "at most one -1 (the remaining devices), e.g. mesh=[1,8,1]")
     return cfg
 
 
@@ -128,18 +131,33 @@ def _label(job: dict) -> str:
         (" (sweep)" if job["sweep"] else "") + what
 
 
+def decode_mesh(cfg: BenchConfig):
+    """(mesh, logical axis rules) of sharded decoding from bench.mesh = [data, fsdp, tensor], or (None, None)."""
+    if not cfg.mesh:
+        return None, None
+    from specdiff_jax import sharding as shd
+    from specdiff_jax.config.run import MeshConfig
+
+    data, fsdp, tensor = cfg.mesh
+    try:
+        return shd.make_mesh(MeshConfig(data=data, fsdp=fsdp, tensor=tensor)), shd.DEFAULT_AXIS_RULES
+    except ConfigError as e:
+        raise BenchError(f"bench.mesh={list(cfg.mesh)}: {e}") from None
+
+
 def _decoder(job: dict, models: dict, cfg: BenchConfig, eos_id):
     from specdiff_jax.decode import Decoder
 
+    mesh, rules = decode_mesh(cfg)
     m = job["method"]
     if m == "auto":
         cands = [models[k] for k in ("specdiff2", "sps", "specdiff") if k in models]
         return Decoder(models["verifier"], cands, method="auto", max_new_tokens=cfg.max_new_tokens,
                        temperature=job["temperature"], eos_id=eos_id, gamma=cfg.auto_max_gamma,
                        adaptive_gamma=cfg.auto_adaptive_gamma, cost_model=job.get("cost_model"),
-                       plan_prompts=[p["ids"] for p in job.get("plan_prompts", [])] or None)
+                       plan_prompts=[p["ids"] for p in job.get("plan_prompts", [])] or None, mesh=mesh, rules=rules)
     return Decoder(models["verifier"], models.get(m), method=m, max_new_tokens=cfg.max_new_tokens,
-                   temperature=job["temperature"], eos_id=eos_id, **job["settings"])
+                   temperature=job["temperature"], eos_id=eos_id, mesh=mesh, rules=rules, **job["settings"])
 
 
 def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+from etils import epath
 from flax import nnx
 from flax.nnx import traversals
 
@@ -56,8 +57,15 @@ def check_model_path(path: Path) -> None:
         raise CheckpointError(f"checkpoint path {str(path)!r} is a file; pass the model directory that holds it")
 
 
+def _abs(path) -> epath.Path:
+    """`path` (str / PathLike / epath, local or gs://...) as an epath.Path; local ones made absolute, because
+    Orbax 0.12 cannot read the item metadata of a checkpoint named by a relative path."""
+    p = epath.Path(path)
+    return p if str(p).startswith(("gs://", "s3://", "az://", "hf://")) else p.absolute()
+
+
 def is_model_dir(path: str | Path) -> bool:
-    p = Path(path)
+    p = epath.Path(path)
     return (p / CONFIG_FILE).is_file() and (p / PARAMS_DIR).is_dir()
 
 
@@ -93,7 +101,7 @@ def save_pretrained(model: Transformer, path: str | Path, *, metadata: dict | No
     """Write `model` as one of our model directories at `path` (created; an existing params/ is replaced)."""
     import orbax.checkpoint as ocp
 
-    path = Path(path).absolute()
+    path = _abs(path)
     if path.exists() and not path.is_dir():
         raise CheckpointError(f"cannot save a model to {str(path)!r}: it exists and is not a directory")
     path.mkdir(parents=True, exist_ok=True)
@@ -109,7 +117,7 @@ def save_pretrained(model: Transformer, path: str | Path, *, metadata: dict | No
 
 def load_metadata(path: str | Path) -> dict:
     """The metadata.json of one of our model directories ({} if there is none)."""
-    p = Path(path) / METADATA_FILE
+    p = epath.Path(path) / METADATA_FILE
     return json.loads(p.read_text()) if p.is_file() else {}
 
 
@@ -122,8 +130,7 @@ def load_params(path: str | Path, abstract_state: Any) -> Any:
     """
     import orbax.checkpoint as ocp
 
-    # Orbax 0.12 cannot read the item metadata of a checkpoint named by a relative path: always absolute.
-    path = Path(path).absolute()
+    path = _abs(path)
     params_dir = path / PARAMS_DIR if (path / PARAMS_DIR).is_dir() else path
     check_exists(params_dir)
     is_state = isinstance(abstract_state, nnx.State)
@@ -182,7 +189,7 @@ def load_model_dir(path: str | Path, *, dtype: str | None = None) -> Transformer
     dtype: "float32" or "bfloat16" overrides both the compute and parameter dtype of the stored config.
     Returns a Transformer ready for `m(tokens: int32[B, L]) -> float32[B, L, V]` and for `nnx.split`.
     """
-    path = Path(path)
+    path = epath.Path(path)
     check_model_path(path)
     if not is_model_dir(path):
         if (path / CONFIG_FILE).is_file():

@@ -35,6 +35,7 @@ from specdiff_jax import sharding as shd
 from specdiff_jax import training
 from specdiff_jax.cache import KVCache
 from specdiff_jax.calibration import check_drafter
+from specdiff_jax.calibration.windows import step_tokens
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.config.run import CONFIGS_DIR, RunConfig, load_config
 from specdiff_jax.model import abstract_model
@@ -171,12 +172,13 @@ def activation_bytes(m: ModelConfig, mesh, rules, *, rows: int, tokens: int, key
     return int(b * (layers * layer + logits))
 
 
-def _calibration_tokens(cfg: RunConfig) -> tuple[int, int]:
-    """(queries, logit positions) per row of a calibration step: the causal pass over the row plus
-    windows x gamma block queries (each window's block attends to its prefix and itself)."""
-    gamma = cfg.calibrate.gamma or cfg.model.block_size
-    windows = cfg.calibrate.windows_per_row or max(cfg.data.seq_len // cfg.calibrate.stride, 1)
-    return cfg.data.seq_len + windows * gamma, windows * gamma
+def _calibration_tokens(cfg: RunConfig) -> tuple[int, int, int]:
+    """(queries, keys per query, logit positions) per row of a calibration step (`calibration.step_tokens`:
+    block_causal drafters run the row plus windows x gamma block queries, bidirectional ones re-encode
+    windows x (draft_window + gamma) tokens)."""
+    c = cfg.calibrate
+    return step_tokens(cfg.model, seq_len=cfg.data.seq_len, gamma=c.gamma or cfg.model.block_size, stride=c.stride,
+                       windows_per_row=c.windows_per_row, draft_window=c.draft_window)
 
 
 # --- the two modes ---------------------------------------------------------------------------------------
@@ -243,10 +245,12 @@ def train_report(cfg: RunConfig) -> Report:
                  "+ accumulator" if tc.grad_accum > 1 else "one copy"))
     B = cfg.data.batch_size
     if tc.objective == "calibrate":
-        check_drafter(m)  # calibration trains block_causal drafters only: say so before any figure
-        q, lt = _calibration_tokens(cfg)
-        note = f"estimate: {B} rows x ({cfg.data.seq_len} + windows x gamma = {q} queries), no remat"
-        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=cfg.data.seq_len, logits_tokens=lt)
+        check_drafter(m)  # calibration trains diffusion drafters with a mask token: say so before any figure
+        q, keys, lt = _calibration_tokens(cfg)
+        how = (f"windows x (draft window + gamma) = {q} queries" if m.attention == "bidirectional"
+               else f"{cfg.data.seq_len} + windows x gamma = {q} queries")
+        note = f"estimate: {B} rows x ({how}), no remat"
+        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt)
         rows.append(("activations", act, note))
         v = verifier_config(cfg)
         if cfg.calibrate.loss in ("kd_first", "kd_window") and v is not None:  # the frozen teacher

@@ -24,6 +24,7 @@ from typing import Any, Callable
 
 import ml_dtypes  # noqa: F401  registers numpy's bfloat16, which safetensors' numpy reader needs
 import numpy as np
+from etils import epath
 from flax import nnx
 from flax.nnx import traversals
 
@@ -407,12 +408,12 @@ def load_pretrained(path: str | Path, *, dtype: str | None = None) -> Transforme
     dtype: "float32" or "bfloat16" overrides both the compute and parameter dtype of the stored config.
     Returns a Transformer ready for `m(tokens: int32[B, L]) -> float32[B, L, V]` and for `nnx.split`.
     """
-    path = Path(path)
+    path = epath.Path(path)  # our model directories may be remote (gs://...)
     check_model_path(path)
     if is_model_dir(path):
         return load_model_dir(path, dtype=dtype)
     if (path / "config.json").is_file():
-        return load_hf(path, dtype=dtype)
+        return load_hf(Path(path), dtype=dtype)  # Hugging Face directories are read locally (safetensors)
     if (path / CONFIG_FILE).is_file():
         return load_model_dir(path, dtype=dtype)  # refused as incomplete, with the reason
     raise CheckpointError(

@@ -7,6 +7,9 @@
 
 Everything here is Python state at the program edge; the training loop (`specdiff_jax.training`) uses it and the
 jitted step never sees it. Errors name what is intact and what to do (docs/RELIABILITY.md).
+
+Work dirs may be local or remote (`gs://bucket/run`): every path goes through `etils.epath` (as Orbax's do), never
+the builtin open() or pathlib, and the metrics log is rewritten whole on object stores, which cannot append.
 """
 
 from __future__ import annotations
@@ -17,16 +20,39 @@ import os
 import signal
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 CHECKPOINT_DIR = "checkpoints"
 METRICS_FILE = "metrics.jsonl"
 CONFIG_FILE = "config.yaml"
 LOCK_FILE = ".lock"
+REMOTE_PREFIXES = ("gs://", "s3://", "az://", "hf://")
+
+
+def as_path(path) -> epath.Path:
+    """A user-given work / data dir (str, os.PathLike or epath.Path, local or `gs://...`) as an epath.Path."""
+    return path if isinstance(path, epath.Path) else epath.Path(path)
+
+
+def is_remote(path) -> bool:
+    return str(path).startswith(REMOTE_PREFIXES)
+
+
+def absolute(path) -> epath.Path:
+    """A local path made absolute (Orbax wants one); a remote one as it is."""
+    p = as_path(path)
+    return p if is_remote(p) else p.absolute()
+
+
+def write_json(workdir, name: str, obj: Any) -> epath.Path:
+    """<workdir>/<name> := obj as indented JSON (local or remote work dir)."""
+    p = as_path(workdir) / name
+    p.write_text(json.dumps(obj, indent=2) + "\n")
+    return p
 
 
 class TrainingError(RuntimeError):
@@ -40,8 +66,8 @@ class TrainingDiverged(TrainingError):
 class WorkdirLock:
     """Refuse two live runs on one work dir (a stale lock of a dead process is taken over)."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
-        self.path = workdir / LOCK_FILE
+    def __init__(self, workdir, enabled: bool = True):
+        self.path = as_path(workdir) / LOCK_FILE
         self.held = False
         self.enabled = enabled  # multi-process runs share the work dir: process 0 holds the lock
 
@@ -103,11 +129,14 @@ class StopOnSignal:
 class MetricsLog:
     """metrics.jsonl (and TensorBoard scalars) of the primary process; a no-op elsewhere."""
 
-    def __init__(self, workdir: Path, enabled: bool = True):
+    def __init__(self, workdir, enabled: bool = True, tensorboard: bool = True):
+        workdir = as_path(workdir)
         self.path = workdir / METRICS_FILE
         self.enabled = enabled
         self.tb = None
-        if enabled:
+        self._remote = is_remote(workdir)  # object stores cannot append: the log is rewritten whole
+        self._lines: list[str] | None = None
+        if enabled and tensorboard:
             try:
                 from tensorboardX import SummaryWriter
 
@@ -119,8 +148,15 @@ class MetricsLog:
         if not self.enabled:
             return
         rec = {"step": step, **{f"{prefix}{k}" if prefix == "val_" else k: v for k, v in record.items()}}
+        line = json.dumps(rec) + "\n"
+        if self._remote:
+            if self._lines is None:  # a resumed run continues the log it finds
+                self._lines = [self.path.read_text()] if self.path.exists() else []
+            self._lines.append(line)
+            self.path.write_text("".join(self._lines))
+            return
         with self.path.open("a") as f:
-            f.write(json.dumps(rec) + "\n")
+            f.write(line)
         if self.tb is not None:
             for k, v in record.items():
                 self.tb.add_scalar(f"{prefix.rstrip('_') or 'train'}/{k}", v, step)
@@ -131,18 +167,18 @@ class MetricsLog:
             self.tb.close()
 
 
-def has_checkpoint(workdir: Path) -> bool:
-    d = workdir / CHECKPOINT_DIR
+def has_checkpoint(workdir) -> bool:
+    d = as_path(workdir) / CHECKPOINT_DIR
     return d.is_dir() and any(p.name.isdigit() for p in d.iterdir())
 
 
-def checkpoint_manager(workdir: Path, keep: int, async_save: bool, cleanup: bool = False):
+def checkpoint_manager(workdir, keep: int, async_save: bool, cleanup: bool = False):
     """cleanup: delete partial checkpoints (`<step>.orbax-checkpoint-tmp`, left by a run killed while saving or a
     save that failed; orbax deletes on the primary process only). Only a run holding the work dir's lock may
     clean up, never a reader of a live run."""
     opts = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                         cleanup_tmp_directories=cleanup)
-    return ocp.CheckpointManager((workdir / CHECKPOINT_DIR).absolute(), options=opts)
+    return ocp.CheckpointManager(absolute(as_path(workdir) / CHECKPOINT_DIR), options=opts)
 
 
 def abstract_target(shapes, shardings):
@@ -161,8 +197,8 @@ def restore_args(target=None):
 class Checkpoints:
     """The run's checkpoint manager: resume checks, saves whose failures name what is intact, clean shutdown."""
 
-    def __init__(self, workdir: Path, keep: int, async_save: bool):
-        self.workdir = workdir
+    def __init__(self, workdir, keep: int, async_save: bool):
+        self.workdir = as_path(workdir)
         self.mngr = checkpoint_manager(workdir, keep, async_save, cleanup=True)
         self.in_flight: int | None = None  # step of the (asynchronous) save not yet known to be complete
         self.writers: set = set()  # threads alive before that save started
@@ -254,7 +290,7 @@ def join_threads_since(before: set, timeout: float) -> None:
             t.join(max(deadline - time.monotonic(), 0.0))
 
 
-def save_failed(workdir: Path, mngr, failed: int | None, e: BaseException) -> TrainingError:
+def save_failed(workdir, mngr, failed: int | None, e: BaseException) -> TrainingError:
     """The error of a checkpoint save that failed: its cause (a full disk is named as such) and what is intact."""
     cause, seen = e, set()
     while cause is not None and not isinstance(cause, OSError) and id(cause) not in seen:
@@ -268,6 +304,7 @@ def save_failed(workdir: Path, mngr, failed: int | None, e: BaseException) -> Tr
         good = None
     if good == failed:  # pragma: no cover - the manager lists only finalized steps
         good = None
+    workdir = as_path(workdir)
     intact = (f"the last complete checkpoint, {workdir / CHECKPOINT_DIR / str(good)} (step {good}), is intact"
               if good is not None else "no complete checkpoint was saved before it")
     fix = "free disk space (or lower checkpoint.keep)" if full else "fix the cause"

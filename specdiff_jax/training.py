@@ -355,11 +355,11 @@ def restore_checkpoint(workdir: str | Path, cfg: RunConfig, mesh=None, step: int
     """
     mesh = mesh or shd.make_mesh(cfg.mesh)
     lay = state_layout(cfg, mesh)
-    mngr = rundir.checkpoint_manager(Path(workdir), cfg.checkpoint.keep, cfg.checkpoint.async_save)
+    mngr = rundir.checkpoint_manager(workdir, cfg.checkpoint.keep, cfg.checkpoint.async_save)
     try:
         step = mngr.latest_step() if step is None else step
         if step is None:
-            raise TrainingError(f"no checkpoint under {str(Path(workdir) / rundir.CHECKPOINT_DIR)!r}")
+            raise TrainingError(f"no checkpoint under {str(rundir.as_path(workdir) / rundir.CHECKPOINT_DIR)!r}")
         r = mngr.restore(step, args=rundir.restore_args(rundir.abstract_target(lay.shapes, lay.state_sh)))
     finally:
         mngr.close()
@@ -611,7 +611,7 @@ def train(
     any work where possible.
     """
     validate(cfg)  # seq_len vs max_seq_len etc., before any work
-    workdir = Path(workdir)
+    workdir = rundir.as_path(workdir)  # local or remote (gs://...): etils.epath
     mesh = shd.make_mesh(cfg.mesh, devices)
     _check_run(cfg, mesh, workdir)
     if train_data is None:

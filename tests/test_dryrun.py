@@ -93,11 +93,34 @@ def test_programs_dry_run_and_refuse_clearly_when_it_does_not_fit(capsys):
     assert rc == 2 and "DOES NOT FIT" in out and "mesh.device_memory_gb=16.00" in err and "activations" in err
 
 
-def test_calibration_dry_run_of_a_dream_drafter_is_refused_naming_why(capsys):
+@pytest.mark.parametrize("pair", ["dream7b_qwen2.5-7b", "diffucoder7b_qwen2.5-7b"])
+def test_calibration_dry_run_of_a_bidirectional_7b_pair_plans_lora_on_a_v5e_8(pair, capsys):
+    """The paper's recipe (LoRA streak calibration of the 7B bidirectional drafter) is planned per window as the
+    kernel drafts (draft window + gamma tokens each) and fits the pair's 8 x 16 GiB slice."""
     from train.calibrate import main
 
-    rc = main(["--config", str(ROOT / "configs/pairs/dream7b_qwen2.5-7b.yaml"), "--dry-run"])
-    assert rc == 2 and "block_causal diffusion drafter" in capsys.readouterr().err
+    rc = main(["--config", str(ROOT / f"configs/pairs/{pair}.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "LoRA adapters (rank 32)" in out and "(draft window + gamma) = 544 queries" in out, out
+    assert "device memory 16.00: fits" in out
+
+
+@pytest.mark.parametrize("pair", ["dream7b_qwen2.5-72b", "diffucoder7b_qwen2.5-72b"])
+def test_data_generation_dry_run_of_the_72b_pairs_fits_a_v5p_16(pair, capsys):
+    """train.generate_data --dry-run plans the 72B verifier's generate calls (generate.batch_size rows of
+    prompt_tokens + max_new_tokens) on the pair's 8-chip v5p-16 slice."""
+    from train.generate_data import main
+
+    rc = main(["--config", str(ROOT / f"configs/pairs/{pair}.yaml"), "--dry-run"])
+    out = capsys.readouterr().out
+    assert rc == 0 and "[80, 32, 2048, 8, 128]" in out and "device memory 95.00: fits" in out, out
+
+
+def test_calibration_dry_run_of_a_causal_model_is_refused_naming_why(capsys):
+    from train.calibrate import main
+
+    rc = main(["--config", str(ROOT / "configs/models/qwen2.5-7b.yaml"), "--dry-run", "train.objective=calibrate"])
+    assert rc == 2 and "diffusion drafter with a mask token" in capsys.readouterr().err
 
 
 def test_activation_estimate_is_within_a_factor_of_xla():

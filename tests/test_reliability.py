@@ -230,7 +230,7 @@ def test_generate_data_prompts_file_bad_input(w, tmp_path):
     ("init_missing", "is not a model directory (no model_config.json)"),
     ("init_binary_config", "model_config.json' is not UTF-8 JSON"),
     ("init_truncated", "truncated or corrupted"),
-    ("init_causal", "calibration needs a block_causal diffusion drafter"),
+    ("init_causal", "calibration needs a diffusion drafter with a mask token"),
     ("verifier_missing", "does not exist; set it to the verifier's model directory"),
     ("verifier_not_causal", "is a block_causal model; the verifier must be a causal LM"),
     ("verifier_vocab", "drafter/verifier vocabulary mismatch: the drafter samples 512 ids, the verifier 600"),

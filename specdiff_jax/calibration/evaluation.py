@@ -51,14 +51,14 @@ def window_stats(drafter, batches, s: Settings) -> dict:
 
 def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_new_tokens: int,
                 batch_size: int = 8, draft_temperature: float = 0.0, eos_id: int | None = None,
-                method: str = "specdiff") -> dict:
+                method: str = "specdiff", draft_window: int = 512) -> dict:
     """Run the decode kernel greedily (verifier temperature 0) with `drafter` on `prompts` and aggregate its
     statistics (`decode_statistics`). Greedy output equals the verifier's own greedy decoding, so every drafter is
     judged on the same token sequences."""
     if not prompts:
         raise ValueError("kernel_eval: no prompts")
     dec = Decoder(verifier, drafter, method=method, max_new_tokens=max_new_tokens, temperature=0.0, gamma=gamma,
-                  draft_temperature=draft_temperature, eos_id=eos_id)
+                  draft_temperature=draft_temperature, eos_id=eos_id, draft_window=draft_window)
     hist = np.zeros(gamma + 1, np.int64)
     acc = np.zeros(gamma, np.int64)
     row_tokens, row_rounds = [], []
@@ -101,7 +101,8 @@ def evaluate(drafter, verifier, cfg, s, prov, *, base=None, log=print) -> dict:
         for name, m in models.items():
             t0 = time.perf_counter()
             out["kernel"][name] = kernel_eval(verifier, m, prompts, gamma=s.gamma, max_new_tokens=max_new,
-                                              batch_size=min(8, n), eos_id=verifier.cfg.eos_token_id)
+                                              batch_size=min(8, n), eos_id=verifier.cfg.eos_token_id,
+                                              draft_window=s.draft_window)
             out["kernel"][name]["seconds"] = round(time.perf_counter() - t0, 2)
     for name in models:
         w = out["windows"][name]

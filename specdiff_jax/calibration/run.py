@@ -5,11 +5,11 @@ the objective, the training loop, and the evaluation of the export. `python -m t
 from __future__ import annotations
 
 import dataclasses
-import json
-from pathlib import Path
 
 import jax
+from etils import epath
 
+from specdiff_jax import rundir
 from specdiff_jax.calibration.evaluation import evaluate
 from specdiff_jax.calibration.objective import make_objective
 from specdiff_jax.calibration.windows import Settings, check_drafter, num_windows
@@ -17,6 +17,7 @@ from specdiff_jax.config import ConfigError, ModelConfig, check_verifier
 from specdiff_jax.config.run import validate
 from specdiff_jax.hf_checkpoint import load_pretrained
 from specdiff_jax.data import verifier_data as vd
+from specdiff_jax.data.sharded import ShardedStream
 from specdiff_jax.training import train
 
 EVAL_FILE = "calibration_eval.json"
@@ -32,7 +33,7 @@ def resolve(cfg):
     if not t.init_from:
         raise ConfigError("train.init_from is not set: calibration fine-tunes a pre-trained diffusion drafter; set "
                           "train.init_from=<model dir> (e.g. assets/tiny/drafter_base)")
-    mc = Path(t.init_from) / "model_config.json"
+    mc = epath.Path(t.init_from) / "model_config.json"
     if not mc.is_file():
         raise ConfigError(f"train.init_from={t.init_from!r} is not a model directory (no model_config.json); point "
                           "it at a save_pretrained export such as assets/tiny/drafter_base")
@@ -59,18 +60,32 @@ def settings(cfg, max_new_tokens: int, verifier=None):
     return Settings(loss=c.loss, gamma=gamma, stride=c.stride, windows=num_windows(max_new_tokens, c.stride),
                     windows_per_row=c.windows_per_row, temperature=c.temperature,
                     verifier_temperature=c.verifier_temperature, mdlm_t_min=cfg.train.mdlm_t_min,
-                    num_sampleable=m.num_sampleable, mask_id=m.mask_token_id,
-                    verifier_exclude=(verifier.cfg.mask_token_id,) if verifier is not None
+                    num_sampleable=m.num_sampleable, mask_id=m.mask_token_id, draft_window=c.draft_window,
+                    pad_id=m.pad_token_id or 0, verifier_exclude=(verifier.cfg.mask_token_id,) if verifier is not None
                     and verifier.cfg.mask_token_id is not None else ())
 
 
 def load_verifier(path: str, drafter_cfg):
     """The verifier at calibrate.verifier=`path`, checked against the drafter's config."""
-    if not Path(path).exists():
+    if not epath.Path(path).exists():
         raise ConfigError(f"calibrate.verifier={path!r} does not exist; set it to the verifier's model directory")
     v = load_pretrained(path)
     check_verifier(v.cfg, f"calibrate.verifier={path!r}", drafter=drafter_cfg)
     return v
+
+
+def training_stream(cfg, source, *, process_index: int | None = None, process_count: int | None = None):
+    """The calibration rows as data.num_shards disjoint shards (0 = one per process), this process's part: as in
+    pre-training (specdiff_jax.data.sharded), the global batches do not depend on the process count, so a run
+    resumes on any process count dividing num_shards with exactly the batches it would have seen."""
+    d = cfg.data
+    n = jax.process_count() if process_count is None else process_count
+    pid = jax.process_index() if process_index is None else process_index
+    return ShardedStream(
+        lambda i, s, bs: vd.calibration_dataset(source, seq_len=d.seq_len, batch_size=bs,
+                                                pad_id=cfg.model.pad_token_id or 0, seed=d.seed, shard_index=i,
+                                                shard_count=s),
+        num_shards=d.num_shards or n, batch_size=d.batch_size, process_index=pid, process_count=n)
 
 
 def run(cfg, *, evaluate_after: bool = True, log=print):
@@ -82,11 +97,7 @@ def run(cfg, *, evaluate_after: bool = True, log=print):
         verifier = load_verifier(cfg.calibrate.verifier, cfg.model)
     s = settings(cfg, int(prov["sampling"]["max_new_tokens"]), verifier)
     objective = make_objective(s, verifier if need_v else None)
-    train_src = vd.load_completions(cfg.calibrate.data_dir, "train")
-    nproc = jax.process_count()
-    train_ds = vd.calibration_dataset(train_src, seq_len=cfg.data.seq_len, batch_size=cfg.data.batch_size // nproc,
-                                      pad_id=cfg.model.pad_token_id or 0, seed=cfg.data.seed,
-                                      shard_index=jax.process_index(), shard_count=nproc)
+    train_ds = training_stream(cfg, vd.load_completions(cfg.calibrate.data_dir, "train"))
     val_batches = []
     if cfg.data.val_batches:
         try:
@@ -107,5 +118,5 @@ def run(cfg, *, evaluate_after: bool = True, log=print):
         ev["loss"] = cfg.calibrate.loss
         ev["settings"] = dataclasses.asdict(s)
         ev["step"] = result.step
-        (Path(cfg.workdir) / EVAL_FILE).write_text(json.dumps(ev, indent=2) + "\n")
+        rundir.write_json(cfg.workdir, EVAL_FILE, ev)
     return result, ev

@@ -12,6 +12,14 @@ causal forward over the whole sequence gives the keys/values of every prefix, an
 block forward of gamma MASK tokens each against that shared cache, the window's cache length set to t. This is
 exactly the kernel's inference computation (`decode._draft_block`), checked in tests against
 `drafter([x_<t ; MASK x gamma], prefix_len=t)`, at a cost linear in the number of windows.
+
+Bidirectional drafters (Dream / DiffuCoder: attention=bidirectional, usually logit_shift=True) have no prefix
+cache: every prefix state depends on the MASK block. The kernel (`decode.drafters.bidir`) re-encodes, each round,
+the last W committed tokens (W = `draft_window`, capped like the Decoder's) followed by gamma MASK tokens, all
+attending to all, rotary positions counted from the window's first token, and reads q_j at block position j
+(logit_shift False) or j-1 (True: q_1 comes from the last committed token). Calibration encodes each window
+exactly so: one row `[pad x (W-w) ; x_{t-w} .. x_{t-1} ; MASK x gamma]` with w = min(t, W) per window, the pads
+masked out as keys. The cost is windows x (W + gamma) tokens per row: use `calibrate.windows_per_row`.
 """
 
 from __future__ import annotations
@@ -56,17 +64,80 @@ def window_layout(tokens: Array, segment_ids: Array, *, gamma: int, stride: int,
 
 
 def check_drafter(cfg) -> None:
-    """Calibration trains block_causal drafters without logit shift (exact prefix cache); refuse others."""
-    if cfg.attention != "block_causal" or cfg.logit_shift or cfg.mask_token_id is None:
+    """Calibration trains diffusion drafters with a mask token: block_causal without logit shift (exact prefix
+    cache) or bidirectional (Dream / DiffuCoder, with or without logit shift); refuse others."""
+    ok = cfg.mask_token_id is not None and (
+        (cfg.attention == "block_causal" and not cfg.logit_shift) or cfg.attention == "bidirectional")
+    if not ok:
         raise ConfigError(
-            f"calibration needs a block_causal diffusion drafter with logit_shift=false and a mask token; got "
-            f"attention={cfg.attention}, logit_shift={cfg.logit_shift}, mask_token_id={cfg.mask_token_id}. "
-            "Pre-train one with train.objective=mdlm (bidirectional Dream-style drafters have no exact prefix "
-            "cache and are not supported here)")
+            f"calibration needs a diffusion drafter with a mask token: block_causal with logit_shift=false, or "
+            f"bidirectional (Dream / DiffuCoder); got attention={cfg.attention}, logit_shift={cfg.logit_shift}, "
+            f"mask_token_id={cfg.mask_token_id}. Point train.init_from at a diffusion drafter (pre-train one with "
+            "train.objective=mdlm, or convert a Dream / DiffuCoder checkpoint)")
 
 
-def drafter_window_logits(drafter, tokens: Array, starts: Array, block: Array) -> Array:
-    """Drafter logits f32[B, W, G, V] of the windows `[tokens[:t] ; block]` for every start t.
+def bidir_window(draft_window: int, gamma: int, seq_len: int, max_seq_len: int) -> int:
+    """The committed tokens a bidirectional drafter re-encodes per window, capped as the Decoder caps it
+    (min(draft_window, sequence length, max_seq_len - gamma)); a shorter window than the Decoder's only drops
+    left padding the drafter never attends to."""
+    if max_seq_len <= gamma:
+        raise ConfigError(f"calibrate.gamma={gamma} must be below the drafter's max_seq_len={max_seq_len}")
+    return max(1, min(draft_window, seq_len, max_seq_len - gamma))
+
+
+def step_tokens(model_cfg, *, seq_len: int, gamma: int, stride: int, windows_per_row: int,
+                draft_window: int) -> tuple[int, int, int]:
+    """(queries, keys per query, logit positions) per row of one calibration step, for memory plans.
+
+    block_causal: one causal pass over the row plus windows x gamma block queries against it (keys: the row).
+    bidirectional: windows rows of Wc + gamma tokens (Wc = `bidir_window`), each attending to itself.
+    """
+    windows = windows_per_row or max(seq_len // stride, 1)
+    if model_cfg.attention == "bidirectional":
+        q = bidir_window(draft_window, gamma, seq_len, model_cfg.max_seq_len) + gamma
+        return windows * q, q, windows * gamma
+    return seq_len + windows * gamma, seq_len, windows * gamma
+
+
+def drafter_window_logits(drafter, tokens: Array, starts: Array, block: Array, *, draft_window: int = 512,
+                          pad_id: int = 0) -> Array:
+    """Drafter logits f32[B, W, G, V] of the windows `[tokens[:t] ; block]` for every start t, in the drafter's
+    inference encoding: block_causal (below) or bidirectional (`bidir_window_logits`, `draft_window`)."""
+    if drafter.cfg.attention == "bidirectional":
+        return bidir_window_logits(drafter, tokens, starts, block, draft_window=draft_window, pad_id=pad_id)
+    return _block_causal_window_logits(drafter, tokens, starts, block)
+
+
+def bidir_window_logits(drafter, tokens: Array, starts: Array, block: Array, *, draft_window: int,
+                        pad_id: int = 0) -> Array:
+    """Bidirectional drafter logits f32[B, W, G, V], each window encoded as the kernel drafts
+    (`decode.drafters.bidir`): `[pad x (Wc-w) ; tokens[t-w:t] ; block]` with Wc = `bidir_window(...)`,
+    w = min(t, Wc), pads masked as keys, positions from the window's first token, q_j read at Wc+j-1 with the
+    logit shift (Wc+j without).
+
+    tokens int32[B, L]; starts int32[B, W]; block int32[B, W, G]. One forward of B*W rows of Wc + G tokens.
+    """
+    cfg = drafter.cfg
+    B, L = tokens.shape
+    W, G = block.shape[1], block.shape[2]
+    Wc = bidir_window(draft_window, G, L, cfg.max_seq_len)
+    t = starts.reshape(B * W)
+    w = jnp.minimum(t, Wc)
+    idx = t[:, None] - Wc + jnp.arange(Wc, dtype=jnp.int32)[None]  # [N, Wc]
+    ok = idx >= 0
+    rows = jnp.repeat(tokens, W, axis=0)
+    prefix = jnp.where(ok, jnp.take_along_axis(rows, jnp.clip(idx, 0, L - 1), axis=1), pad_id)
+    x = jnp.concatenate([prefix, block.reshape(B * W, G)], axis=1)
+    pos = jnp.maximum(jnp.arange(Wc + G, dtype=jnp.int32)[None] - (Wc - w)[:, None], 0)
+    keys = jnp.concatenate([ok, jnp.ones((B * W, G), bool)], axis=1)
+    mask = jnp.broadcast_to(keys[:, None, :], (B * W, Wc + G, Wc + G))
+    first = Wc - 1 if cfg.logit_shift else Wc
+    logits, _, _ = drafter.forward(x, pos, mask, None, logits_from=first)
+    return logits[:, :G].reshape(B, W, G, -1)
+
+
+def _block_causal_window_logits(drafter, tokens: Array, starts: Array, block: Array) -> Array:
+    """Block-causal drafter logits f32[B, W, G, V] of the windows `[tokens[:t] ; block]` for every start t.
 
     tokens int32[B, L]; starts int32[B, W]; block int32[B, W, G] (MASK tokens, or partly revealed targets for
     the mdlm loss). One causal forward gives the prefix keys/values (they do not depend on the block in the
@@ -112,6 +183,8 @@ class Settings:
     num_sampleable: int | None = None
     mask_id: int = 3
     verifier_exclude: tuple[int, ...] = ()
+    draft_window: int = 512  # bidirectional drafters: committed tokens re-encoded per window (as the Decoder's)
+    pad_id: int = 0
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -125,6 +198,8 @@ class Settings:
             raise ConfigError(f"calibrate.temperature={self.temperature!r} must be > 0")
         if self.verifier_temperature < 0:
             raise ConfigError(f"calibrate.verifier_temperature={self.verifier_temperature!r} must be >= 0")
+        if self.draft_window < 1:
+            raise ConfigError(f"calibrate.draft_window={self.draft_window!r} must be a positive integer")
 
     @property
     def needs_verifier(self) -> bool:
@@ -150,6 +225,7 @@ def window_forward(s: Settings, drafter, tokens: Array, segment_ids: Array, rng:
         lay = _select_windows(r_sel, lay, s.windows_per_row)
     B, W, G = lay["targets"].shape
     block = jnp.full((B, W, G), s.mask_id, jnp.int32)
+    enc = {"draft_window": s.draft_window, "pad_id": s.pad_id}
     out = {}
     if s.loss == "mdlm":
         n = B * W
@@ -158,11 +234,11 @@ def window_forward(s: Settings, drafter, tokens: Array, segment_ids: Array, rng:
         t = (s.mdlm_t_min + (1.0 - s.mdlm_t_min) * u).reshape(B, W)
         masked = jax.random.uniform(jax.random.fold_in(r_mask, 2), (B, W, G)) < t[..., None]
         noisy = jnp.where(masked, s.mask_id, lay["targets"])
-        lg = drafter_window_logits(drafter, tokens, lay["starts"], noisy)
+        lg = drafter_window_logits(drafter, tokens, lay["starts"], noisy, **enc)
         lqn = target_logprobs(log_probs(lg, s.temperature, num_sampleable=s.num_sampleable,
                                         exclude=(s.mask_id,)), lay["targets"])
         out.update(lq_noisy=lqn.reshape(n, G), masked=masked.reshape(n, G), t=t.reshape(n))
-    lg = drafter_window_logits(drafter, tokens, lay["starts"], block)
+    lg = drafter_window_logits(drafter, tokens, lay["starts"], block, **enc)
     if s.loss == "mdlm":
         lg = jax.lax.stop_gradient(lg)  # statistics only
     logq = log_probs(lg, s.temperature, num_sampleable=s.num_sampleable, exclude=(s.mask_id,))

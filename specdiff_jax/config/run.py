@@ -142,6 +142,7 @@ class CalibrateConfig:
     windows_per_row: int = 0
     temperature: float = 1.0
     verifier_temperature: float = 1.0
+    draft_window: int = 512
     eval_prompts: int = 16
     eval_max_new_tokens: int = 128
 
@@ -202,6 +203,7 @@ class BenchConfig:
     pass_at_1: bool = False
     threads: int = 0
     progress_bar: bool = True
+    mesh: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -635,7 +637,7 @@ def _validate_generate(cfg: RunConfig, bad) -> None:
 
 def _validate_calibrate(cfg: RunConfig, bad) -> None:
     c = cfg.calibrate
-    for key in ("stride", "eval_max_new_tokens"):
+    for key in ("stride", "eval_max_new_tokens", "draft_window"):
         if getattr(c, key) <= 0:
             bad(f"calibrate.{key}", getattr(c, key), "must be a positive integer")
     for key in ("windows_per_row", "eval_prompts"):
@@ -664,4 +666,6 @@ def to_yaml(cfg: RunConfig) -> str:
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
     """Write the fully resolved config; `load_config(path)` reads it back to an equal RunConfig."""
-    Path(path).write_text("# Resolved run configuration (written by specdiff_jax.config.run)\n" + to_yaml(cfg))
+    from etils import epath  # the work dir may be remote (gs://...)
+
+    epath.Path(path).write_text("# Resolved run configuration (written by specdiff_jax.config.run)\n" + to_yaml(cfg))
