@@ -31,7 +31,7 @@ Bytes = dict[str, int]
 FIELDS = ("argument", "output", "alias", "temp")
 
 
-def _abstract(tree, shardings=None):
+def _abstract(tree):
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), tree)
 
 

@@ -159,3 +159,27 @@ def test_per_device_memory_does_not_grow_with_the_device_count():
     r = json.loads(proc.stdout.strip().splitlines()[-1])
     assert r["8"]["argument"] < 0.6 * r["4"]["argument"]  # the parameters really are split twice as far
     assert r["8"]["temp"] < 1.1 * r["4"]["temp"], r
+
+
+def test_calibration_target_logprobs_over_vocabulary_chunks_equal_the_full_path():
+    """The streak losses' lq (sampleable ids only, mask id excluded, at the drafter temperature) and greedy match."""
+    from specdiff_jax.calibration.losses import chunked_target_logprobs, log_probs, target_logprobs
+
+    g, st = _model(attention="block_causal", mask_token_id=3, block_size=4)
+    drafter = nnx.merge(g, st)
+    x = jax.random.normal(jax.random.PRNGKey(4), (6, 4, 32))
+    targets = jax.random.randint(jax.random.PRNGKey(5), (6, 4), 0, V)  # some are the mask id or padded rows
+    targets = targets.at[0, 0].set(3).at[0, 1].set(V - 1)
+    logq = log_probs(drafter.logits(x), 0.8, num_sampleable=V - 4, exclude=(3,))
+    want = target_logprobs(logq, targets)
+
+    def chunked(h):
+        return chunked_target_logprobs(drafter, h, targets, 0.8, num_sampleable=V - 4, exclude=(3,), chunk=9)
+
+    lq, hit = chunked(x)
+    np.testing.assert_allclose(np.asarray(lq), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(hit), np.asarray(jnp.argmax(logq, -1) == targets))
+    g_full = jax.grad(lambda h: target_logprobs(log_probs(drafter.logits(h), 0.8, num_sampleable=V - 4,
+                                                          exclude=(3,)), targets).sum())(x)
+    np.testing.assert_allclose(np.asarray(jax.grad(lambda h: chunked(h)[0].sum())(x)), np.asarray(g_full),
+                               rtol=1e-4, atol=1e-6)
