@@ -62,7 +62,10 @@ def main(argv=None) -> int:
         mc = Path(cfg.train.init_from or "") / "model_config.json"
         if cfg.train.init_from and mc.is_file():  # the drafter's own config when it exists (as resolve() does)
             cfg = cfg.replace(model=ModelConfig.load(mc))
-        layers = compiled_layers(args.compiled_layers) if args.compiled else None
+        try:
+            layers = compiled_layers(args.compiled_layers) if args.compiled else None
+        except ConfigError as e:
+            return fail(e)
         return run_program(lambda: dry_run(cfg, "train", compiled=layers))[0] or 0
     if not cfg.workdir:
         return fail("no work dir: pass --workdir DIR (or workdir=DIR)")

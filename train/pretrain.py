@@ -46,7 +46,10 @@ def main(argv=None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.dry_run:
-        layers = compiled_layers(args.compiled_layers) if args.compiled else None
+        try:
+            layers = compiled_layers(args.compiled_layers) if args.compiled else None
+        except ConfigError as e:
+            return fail(e)
         return run_program(lambda: dry_run(cfg, "train", compiled=layers))[0] or 0
     if not cfg.workdir:
         return fail("no work dir: pass --workdir DIR (or workdir=DIR)")
