@@ -4,6 +4,7 @@
     python -m train.calibrate --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run  # calibration
     python -m eval.benchmark  --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run  # decoding
     python -m specdiff_jax.dryrun --config FILE [--mode train|decode] [key=value ...]
+    python -m train.pretrain  --config configs/models/qwen2.5-7b.yaml --dry-run --compiled  # + XLA's own figure
 
 With `mesh.num_devices = N > 0` the mesh is an `AbstractMesh` of N devices (no device needed: a 256-device pod is
 planned on a laptop); with 0 it is the real devices'. Per device it reports parameters, optimizer state, gradients,
@@ -12,9 +13,14 @@ activations and KV caches, and the sharding of every parameter group, then check
 `DoesNotFit` (a ConfigError: the programs exit with status 2) naming the need, the budget and what to change.
 
 Exact (from shapes and shardings): parameters, optimizer state, gradients, KV caches. Estimated (a formula over
-the same shapes, stated in `activation_bytes` / `decode_activation_bytes`): activations, which XLA decides; the
-training estimate assumes no rematerialisation (every layer's intermediates kept for the backward pass), the
-decode estimate is the largest single forward of a round (prefill, drafter, verifier).
+the same shapes, stated in `activation_bytes`): activations, which XLA decides; the training estimate follows
+train.remat and train.vocab_chunk, the decode estimate is the largest single forward of a round (prefill, drafter,
+verifier).
+
+Measured (`--compiled`, training): the real train step compiled for the mesh on fake CPU devices at two small
+layer counts and extrapolated linearly to the full depth (specdiff_jax.compiled_memory); XLA's per-device figure
+is printed beside the estimate, a gap over 20% is flagged, and the fit check uses the compiled figure. On CPU, XLA
+computes bf16 matmuls in f32 and may keep f32 copies that a TPU would not.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import math
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -41,6 +48,7 @@ from specdiff_jax.config.run import CONFIGS_DIR, RunConfig, load_config
 from specdiff_jax.model import abstract_model
 
 GiB = 1024 ** 3
+MAX_GAP = 0.20  # a compiled figure further than this from the estimate is flagged
 
 
 class DoesNotFit(ConfigError):
@@ -77,14 +85,38 @@ class Report:
     rows: list[tuple[str, int, str]]  # (what, bytes per device, note)
     groups: list[tuple[str, str, str, int]]  # (parameter group, global shape, spec, bytes per device)
     budget: int | None  # bytes per device, None = unknown
+    compiled: Any = None  # compiled_memory.Compiled: XLA's own figure (--compiled), or None
+
+    @property
+    def estimate(self) -> int:
+        return sum(b for _, b, _ in self.rows)
 
     @property
     def total(self) -> int:
-        return sum(b for _, b, _ in self.rows)
+        """The compiled figure when there is one (it is measured), else the estimate."""
+        return self.compiled.total if self.compiled is not None else self.estimate
+
+    @property
+    def gap(self) -> float | None:
+        """estimate / compiled - 1, or None without a compiled figure."""
+        return None if self.compiled is None else self.estimate / self.compiled.total - 1
 
     @property
     def fits(self) -> bool:
         return self.budget is None or self.total <= self.budget
+
+    def compiled_lines(self) -> list[str]:
+        c = self.compiled
+        if c is None:
+            return []
+        gap = self.gap
+        flag = "GAP OVER 20%" if abs(gap) > MAX_GAP else "within 20%"
+        b, n = c.bytes, math.prod(self.mesh.values())
+        return [f"| **XLA compiled** | **{c.total / GiB:.2f}** | train step compiled on {n} "
+                f"fake CPU devices at {c.layers[0]} and {c.layers[1]} layers, extrapolated linearly to the full "
+                f"depth (arguments {b['argument'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
+                f"{(b['output'] - b['alias']) / GiB:.2f}; {c.seconds:.0f} s); the estimate is {gap:+.0%} off it: "
+                f"{flag}. On CPU XLA computes bf16 matmuls in f32 and may keep f32 copies a TPU would not |"]
 
     def table(self) -> str:
         ms = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
@@ -94,7 +126,9 @@ class Report:
         lines += [f"| {w} | {b / GiB:.2f} | {note} |" for w, b, note in self.rows]
         budget = "not declared (mesh.device_memory_gb)" if self.budget is None else f"{self.budget / GiB:.2f}"
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        lines += [f"| **total** | **{self.total / GiB:.2f}** | device memory {budget}: {verdict} |", "",
+        by = " (by the compiled figure)" if self.compiled is not None else ""
+        lines += [f"| **total (estimate)** | **{self.estimate / GiB:.2f}** | device memory {budget}: "
+                  f"{verdict}{by} |"] + self.compiled_lines() + ["",
                   "| parameter group | global shape | sharding | GiB per device |", "|---|---|---|---|"]
         lines += [f"| {g} | {s} | {sp} | {b / GiB:.3f} |" for g, s, sp, b in self.groups]
         return "\n".join(lines)
@@ -146,12 +180,15 @@ def _groups(abstract_state, mesh, rules) -> list[tuple[str, str, str, int]]:
 
 
 def activation_bytes(m: ModelConfig, mesh, rules, *, rows: int, tokens: int, keys: int | None = None,
-                     backward: bool = True, logits_tokens: int | None = None) -> int:
+                     backward: bool = True, logits_tokens: int | None = None, remat: str = "none",
+                     vocab_chunk: int = 0) -> int:
     """Per-device activation bytes of one forward (backward=False: the largest layer, transient) or of a
-    forward kept for the backward pass (backward=True: every layer's intermediates, no rematerialisation).
+    forward kept for the backward pass (backward=True, by train.remat: `none` keeps every layer's intermediates,
+    `full` each layer's input plus one layer recomputed at a time, the dots policies the matmul outputs).
 
     rows: sequences (batch-sharded over the mesh's batch axes); tokens: queries per row; keys: keys each query
-    scores (default tokens); logits_tokens: positions that get vocabulary logits (default tokens).
+    scores (default tokens); logits_tokens: positions that get vocabulary logits (default tokens); vocab_chunk:
+    train.vocab_chunk (> 0: logits exist one chunk at a time).
     Per layer and row: 5 residual-width tensors, q/k/v/context (heads, kv_heads sharded), the f32 scores and
     probabilities plus their compute-dtype copy, 4 SwiGLU-width tensors (mlp sharded). Logits: 3 f32 copies.
     """
@@ -163,13 +200,24 @@ def activation_bytes(m: ModelConfig, mesh, rules, *, rows: int, tokens: int, key
     fk = _factor(mesh, rules, "kv_heads", m.num_kv_heads * m.head_dim)
     fm = _factor(mesh, rules, "mlp", m.intermediate_size)
     fv = _factor(mesh, rules, "vocab", m.vocab_size)
-    heads = m.num_heads / fh
-    layer = tokens * (5 * m.hidden_size * c + 3 * m.num_heads * m.head_dim / fh * c
-                      + 3 * m.num_kv_heads * m.head_dim / fk * c + 4 * m.intermediate_size / fm * c)
-    layer += heads * tokens * keys * (4 + 4 + c)
-    logits = lt * m.vocab_size / fv * 4 * 3
-    layers = m.num_layers if backward else 1
-    return int(b * (layers * layer + logits))
+    q_o = 2 * m.num_heads * m.head_dim / fh * c  # q and the attention context, per token
+    k_v = 2 * m.num_kv_heads * m.head_dim / fk * c
+    scores = m.num_heads / fh * tokens * keys
+    layer = tokens * (5 * m.hidden_size * c + 1.5 * (q_o + k_v) + 4 * m.intermediate_size / fm * c)
+    layer += scores * (4 + 4 + c)
+    if not backward:
+        kept = layer
+    elif remat == "none":
+        kept = m.num_layers * layer
+    elif remat == "full":
+        kept = m.num_layers * tokens * m.hidden_size * c + layer
+    else:  # matmul outputs kept: projections, MLP hidden, residual adds; scores only with dots_saveable
+        dots = tokens * (2 * m.hidden_size * c + q_o + k_v + 2 * m.intermediate_size / fm * c)
+        dots += scores * c if remat == "dots_saveable" else 0
+        kept = m.num_layers * dots + layer
+    width = m.vocab_size if vocab_chunk <= 0 else min(vocab_chunk, m.vocab_size)
+    logits = lt * width / fv * 4 * 3
+    return int(b * (kept + logits))
 
 
 def _calibration_tokens(cfg: RunConfig) -> tuple[int, int, int]:
@@ -249,8 +297,8 @@ def train_report(cfg: RunConfig) -> Report:
         q, keys, lt = _calibration_tokens(cfg)
         how = (f"windows x (draft window + gamma) = {q} queries" if m.attention == "bidirectional"
                else f"{cfg.data.seq_len} + windows x gamma = {q} queries")
-        note = f"estimate: {B} rows x ({how}), no remat"
-        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt)
+        note = f"estimate: {B} rows x ({how}), remat {tc.remat}"
+        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt, remat=tc.remat)
         rows.append(("activations", act, note))
         v = verifier_config(cfg)
         if cfg.calibrate.loss in ("kd_first", "kd_window") and v is not None:  # the frozen teacher
@@ -260,8 +308,9 @@ def train_report(cfg: RunConfig) -> Report:
                                                               backward=False), "estimate: one layer at a time"))
     else:
         T = cfg.data.seq_len * (2 if tc.objective == "mdlm" else 1)  # mdlm: the two-stream layout
-        act = activation_bytes(m, mesh, rules, rows=B, tokens=T)
-        rows.append(("activations", act, f"estimate: {B} rows x {T} tokens per micro-batch, no remat"))
+        act = activation_bytes(m, mesh, rules, rows=B, tokens=T, remat=tc.remat, vocab_chunk=tc.vocab_chunk)
+        rows.append(("activations", act, f"estimate: {B} rows x {T} tokens per micro-batch, remat {tc.remat}, "
+                     f"vocab_chunk {tc.vocab_chunk}"))
     rows.append(("KV cache", 0, "none in training"))
     return Report("train", dict(mesh.shape), abstract, rows, _groups(abstract_state, mesh, rules),
                   _budget(cfg, mesh, abstract))
@@ -330,13 +379,38 @@ def check(report: Report) -> None:
             "prompt_tokens), or bf16 parameters (model.param_dtype=bfloat16)")
 
 
-def run(cfg: RunConfig, mode: str, *, out=print) -> Report:
-    """Print the dry-run table of `mode` (train | decode) and raise DoesNotFit if it does not fit."""
+def run(cfg: RunConfig, mode: str, *, out=print, compiled: tuple[int, int] | None = None) -> Report:
+    """Print the dry-run table of `mode` (train | decode) and raise DoesNotFit if it does not fit.
+
+    compiled: two small layer counts: also compile the train step at those depths on fake CPU devices and report
+    XLA's figure, extrapolated to the full depth, beside the estimate (compiled_memory.measure; the fit check
+    then uses it)."""
     with _fast_abstract_init():
         report = train_report(cfg) if mode == "train" else decode_report(cfg)
+    if compiled is not None and mode == "train":
+        from specdiff_jax.compiled_memory import measure
+
+        report.compiled = measure(cfg, compiled)
     out(report.table())
     check(report)
     return report
+
+
+COMPILED_HELP = ("also compile the train step on fake CPU devices at two small layer counts (default 2,4) and "
+                 "report XLA's per-device figure, extrapolated to the full depth, beside the estimate")
+
+
+def compiled_layers(arg: str | None) -> tuple[int, int] | None:
+    """The --compiled argument ("L1,L2") as two layer counts, or None."""
+    if arg is None:
+        return None
+    try:
+        a, b = (int(x) for x in arg.split(","))
+    except ValueError:
+        raise ConfigError(f"--compiled {arg!r}: give two layer counts, e.g. --compiled 2,4") from None
+    if not 0 < a < b:
+        raise ConfigError(f"--compiled {arg!r}: give two increasing positive layer counts, e.g. 2,4")
+    return a, b
 
 
 def main(argv=None) -> int:
@@ -345,12 +419,14 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m specdiff_jax.dryrun", description=__doc__.split("\n\n")[0])
     ap.add_argument("--config", required=True)
     ap.add_argument("--mode", choices=("train", "decode", "both"), default="both")
+    ap.add_argument("--compiled", action="store_true", help=COMPILED_HELP)
+    ap.add_argument("--compiled-layers", default="2,4", metavar="L1,L2", help="the two layer counts compiled")
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides, tokenizer=_NoTokenizer())
         for mode in (("train", "decode") if args.mode == "both" else (args.mode,)):
-            run(cfg, mode)
+            run(cfg, mode, compiled=compiled_layers(args.compiled_layers) if args.compiled else None)
             print()
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -12,10 +12,21 @@ attends to the first `cache.lengths[b]` entries of a KV cache (if any) and, insi
 `block_mask`. It returns logits and the block's own keys/values; writing them into a cache is a separate,
 explicit step (`KVCache.write`) so that K draft chains can be scored against one shared prefix and only the
 selected chain's entries copied in.
+
+How a training forward executes (not what it computes) is set by `execution(...)` while a step is traced:
+rematerialisation of each decoder layer (`nnx.remat` with a named `jax.checkpoint_policies` policy) and the
+attention implementation of cache-free forwards (`plain`: the einsum path below, the reference; `xla` / `cudnn`:
+`jax.nn.dot_product_attention`, cudnn being the fused flash kernel on NVIDIA GPUs; `auto`: cudnn on a GPU with a
+bf16 compute dtype, plain elsewhere). Activations are constrained by logical axes (`sharding.constrain`: a no-op
+outside a step's `activation_sharding`). `Transformer.token_logprobs` scores targets over vocabulary chunks
+without materialising [..., V] logits. Decoding uses none of these: its path is unchanged.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+import dataclasses
 import math
 
 import jax
@@ -24,9 +35,51 @@ from flax import nnx
 
 from specdiff_jax.cache import KVCache
 from specdiff_jax.config import ModelConfig, jax_dtype
+from specdiff_jax.sharding import constrain
 
 Array = jax.Array
 NEG_INF = -1e30  # finite "minus infinity" for masked scores and logits: fully masked rows stay NaN-free
+
+# train.remat: which intermediates of a decoder layer the backward pass keeps (the rest is recomputed)
+REMAT_POLICIES = {
+    "none": None,  # no rematerialisation: every intermediate kept
+    "full": jax.checkpoint_policies.nothing_saveable,  # only each layer's input kept
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # matmul outputs kept, elementwise recomputed
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # projections
+}
+ATTENTION_IMPLS = ("auto", "plain", "xla", "cudnn")
+ACT = ("batch", "length", "embed")  # logical axes of the residual stream [B, L, D]
+
+
+@dataclasses.dataclass(frozen=True)
+class Execution:
+    remat: str = "none"
+    attention: str = "plain"
+
+
+_EXECUTION: contextvars.ContextVar = contextvars.ContextVar("execution", default=Execution())
+
+
+@contextlib.contextmanager
+def execution(remat: str = "none", attention: str = "plain"):
+    """Rematerialisation policy (REMAT_POLICIES) and attention implementation (ATTENTION_IMPLS) of the forwards
+    traced in this context."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {remat!r}: choose one of {tuple(REMAT_POLICIES)}")
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention implementation {attention!r}: choose one of {ATTENTION_IMPLS}")
+    token = _EXECUTION.set(Execution(remat, attention))
+    try:
+        yield
+    finally:
+        _EXECUTION.reset(token)
+
+
+def _attention_impl(cdt) -> str:
+    impl = _EXECUTION.get().attention
+    if impl == "auto":
+        return "cudnn" if jax.default_backend() == "gpu" and cdt == jnp.bfloat16 else "plain"
+    return impl
 
 
 def _param(rngs: nnx.Rngs, shape, axes, cfg: ModelConfig, *, std: float | None = 0.02, ones=False):
@@ -87,19 +140,26 @@ class Attention(nnx.Module):
         g = h // kv
         cdt = x.dtype
 
-        def proj(w, name):
+        def proj(w, name, axis):
             y = x @ w.value.astype(cdt)
             if cfg.qkv_bias:
                 y = y + getattr(self, name).value.astype(cdt)
-            return y
+            return constrain(y, ("batch", "length", axis))
 
-        q = proj(self.q_proj, "q_bias").reshape(B, Q, kv, g, hd)
-        k = proj(self.k_proj, "k_bias").reshape(B, Q, kv, hd)
-        v = proj(self.v_proj, "v_bias").reshape(B, Q, kv, hd)
+        q = proj(self.q_proj, "q_bias", "heads").reshape(B, Q, kv, g, hd)
+        k = proj(self.k_proj, "k_bias", "kv_heads").reshape(B, Q, kv, hd)
+        v = proj(self.v_proj, "v_bias", "kv_heads").reshape(B, Q, kv, hd)
         q = rope(q.reshape(B, Q, h, hd), positions, cfg.rope_theta).reshape(B, Q, kv, g, hd)
         k = rope(k, positions, cfg.rope_theta)
 
         scale = 1.0 / math.sqrt(hd)
+        impl = _attention_impl(cdt) if cache_k is None else "plain"
+        if impl != "plain":  # jax.nn.dot_product_attention: same math, fused kernel where the backend has one
+            mask = jnp.broadcast_to(block_mask[:, None], (block_mask.shape[0], 1, Q, Q))
+            out = jax.nn.dot_product_attention(q.reshape(B, Q, h, hd), k, v, mask=mask, scale=scale,
+                                               implementation=impl)
+            out = constrain(out.reshape(B, Q, h * hd), ("batch", "length", "heads"))
+            return constrain(out @ self.o_proj.value.astype(cdt), ACT), k, v
         # Heads-major layout with the g query heads of a kv head and the Q queries merged into one M = g*Q
         # dimension: every score/value product is then one plain batched matmul per (row, kv head) over a
         # contiguous [S, head_dim] cache slice (no transposes of the cache, few and large matmuls on CPU).
@@ -123,8 +183,8 @@ class Attention(nnx.Module):
             out = jnp.einsum("bkms,bksd->bkmd", (e_c * inv).astype(cdt), cache_v.astype(cdt)) + jnp.einsum(
                 "bkms,bksd->bkmd", (e_b * inv).astype(cdt), vb)
         out = out.reshape(B, kv, g, Q, hd).transpose(0, 3, 1, 2, 4)
-        out = out.reshape(B, Q, h * hd) @ self.o_proj.value.astype(cdt)
-        return out, k, v
+        out = constrain(out.reshape(B, Q, h * hd), ("batch", "length", "heads"))
+        return constrain(out @ self.o_proj.value.astype(cdt), ACT), k, v
 
 
 class MLP(nnx.Module):
@@ -136,8 +196,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         cdt = x.dtype
-        gate = jax.nn.silu(x @ self.gate_proj.value.astype(cdt))
-        return (gate * (x @ self.up_proj.value.astype(cdt))) @ self.down_proj.value.astype(cdt)
+        hidden = ("batch", "length", "mlp")
+        gate = jax.nn.silu(constrain(x @ self.gate_proj.value.astype(cdt), hidden))
+        up = constrain(x @ self.up_proj.value.astype(cdt), hidden)
+        return constrain((gate * up) @ self.down_proj.value.astype(cdt), ACT)
 
 
 class DecoderLayer(nnx.Module):
@@ -151,7 +213,7 @@ class DecoderLayer(nnx.Module):
         a, k, v = self.self_attn(self.input_layernorm(x), positions, block_mask, cache_k, cache_v, cache_lengths)
         x = x + a
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return x, k, v
+        return constrain(x, ACT), k, v
 
 
 def layout_mask(cfg: ModelConfig, length: int, prefix_len: int | None = None) -> Array:
@@ -203,26 +265,61 @@ class Transformer(nnx.Module):
         head_dim], the block's keys/values (not written anywhere). `logits_from` skips the LM head on the first
         block positions (XLA does not drop an unused slice of it by itself).
         """
-        cdt = jax_dtype(self.cfg.dtype)
-        x = jnp.take(self.embed_tokens.value, tokens, axis=0).astype(cdt)
-        ks, vs = [], []
-        for i, layer in enumerate(self.layers):
-            ck = None if cache is None else cache.k[i]
-            cv = None if cache is None else cache.v[i]
-            cl = None if cache is None else cache.lengths
-            x, k, v = layer(x, positions, block_mask, ck, cv, cl)
-            ks.append(k)
-            vs.append(v)
-        k_all, v_all = jnp.stack(ks), jnp.stack(vs)
+        x, k_all, v_all = self.hidden_states(tokens, positions, block_mask, cache)
         if not compute_logits:
             return None, k_all, v_all
         return self.logits(x[:, logits_from:]), k_all, v_all
 
+    def hidden_states(self, tokens: Array, positions: Array, block_mask: Array,
+                      cache: KVCache | None = None) -> tuple[Array, Array, Array]:
+        """`forward` without the final norm and LM head: (last layer's output [B, Q, D] in the compute dtype, k, v).
+
+        Without a cache each layer is rematerialised by the policy of the enclosing `execution` context.
+        """
+        cdt = jax_dtype(self.cfg.dtype)
+        x = constrain(jnp.take(self.embed_tokens.value, tokens, axis=0).astype(cdt), ACT)
+        policy = REMAT_POLICIES[_EXECUTION.get().remat]
+        ks, vs = [], []
+        for i, layer in enumerate(self.layers):
+            if cache is None and policy is not None:
+                x, k, v = _remat_layer(layer, x, positions, block_mask, policy)
+            else:
+                ck = None if cache is None else cache.k[i]
+                cv = None if cache is None else cache.v[i]
+                cl = None if cache is None else cache.lengths
+                x, k, v = layer(x, positions, block_mask, ck, cv, cl)
+            ks.append(k)
+            vs.append(v)
+        return x, jnp.stack(ks), jnp.stack(vs)
+
+    def head_weight(self) -> Array:
+        """The LM head [D, V] (the embedding's transpose when tied)."""
+        return self.embed_tokens.value.T if self.cfg.tie_embeddings else self.lm_head.value
+
     def logits(self, x: Array) -> Array:
         """Final norm + LM head on hidden states [..., D] -> float32 logits [..., V]."""
         x = self.norm(x)
-        w = self.embed_tokens.value.T if self.cfg.tie_embeddings else self.lm_head.value
-        return jnp.einsum("...d,dv->...v", x, w.astype(x.dtype), preferred_element_type=jnp.float32)
+        logits = jnp.einsum("...d,dv->...v", x, self.head_weight().astype(x.dtype),
+                            preferred_element_type=jnp.float32)
+        return constrain(logits, ("batch", "length", "vocab")) if logits.ndim == 3 else logits
+
+    def token_logprobs(self, x: Array, targets: Array, *, chunk: int, temperature: float = 1.0,
+                       allowed: Array | None = None) -> tuple[Array, Array]:
+        """log softmax(logits / temperature)[target] and whether the target is the argmax, from hidden states.
+
+        x: [..., D] (before the final norm), targets int32[...]; allowed: bool[V] (others get NEG_INF logits) or
+        None. Returns (f32[...], bool[...]). With chunk > 0 the LM head runs over vocabulary chunks of that size in
+        a rematerialised scan with an online logsumexp, so neither pass holds more than [..., chunk] logits;
+        chunk = 0 computes the full logits (the reference).
+        """
+        if chunk <= 0:
+            z = self.logits(x) / temperature
+            if allowed is not None:
+                z = jnp.where(allowed, z, NEG_INF)
+            logp = jax.nn.log_softmax(z, axis=-1)
+            picked = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+            return picked, jnp.argmax(z, axis=-1) == targets
+        return _chunked_logprobs(self.norm(x), self.head_weight(), targets, chunk, temperature, allowed)
 
     def __call__(self, tokens: Array, prefix_len: int | None = None) -> Array:
         """Full forward without a cache: tokens int32[B, L] -> float32 logits [B, L, V].
@@ -240,6 +337,48 @@ class Transformer(nnx.Module):
         positions = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
         logits, _, _ = self.forward(tokens, positions, layout_mask(self.cfg, L, prefix_len))
         return logits
+
+
+def _remat_layer(layer: DecoderLayer, x, positions, block_mask, policy):
+    """One cache-free decoder layer under nnx.remat: the backward pass recomputes what `policy` does not save."""
+    fn = nnx.remat(lambda lyr, x_, p_, m_: lyr(x_, p_, m_, None, None, None), policy=policy)
+    return fn(layer, x, positions, block_mask)
+
+
+def _chunked_logprobs(h: Array, w: Array, targets: Array, chunk: int, temperature: float, allowed):
+    """`Transformer.token_logprobs` over vocabulary chunks; h: normed hidden [..., D], w: [D, V]."""
+    D, V = w.shape
+    n = -(-V // chunk)
+    ok = jnp.ones((V,), bool) if allowed is None else allowed
+    if n * chunk != V:  # pad the vocabulary to whole chunks; padded columns are never allowed
+        w = jnp.pad(w, ((0, 0), (0, n * chunk - V)))
+        ok = jnp.pad(ok, (0, n * chunk - V))
+    ws = w.reshape(D, n, chunk).transpose(1, 0, 2)  # [n, D, chunk]
+    lead = targets.shape
+    axes = ("batch", "length", "vocab") if len(lead) == 2 else (None,) * (len(lead) + 1)
+
+    @jax.checkpoint  # the backward pass recomputes each chunk's logits instead of keeping them
+    def body(carry, xs):
+        m, s, picked, best, arg = carry
+        wc, okc, off = xs
+        z = jnp.einsum("...d,dv->...v", h, wc.astype(h.dtype), preferred_element_type=jnp.float32)
+        z = jnp.where(okc, constrain(z, axes) / temperature, NEG_INF)
+        cmax = z.max(-1)
+        m_new = jnp.maximum(m, cmax)
+        s = s * jnp.exp(m - m_new) + jnp.exp(z - m_new[..., None]).sum(-1)
+        idx = targets - off
+        inside = (idx >= 0) & (idx < chunk)
+        hit = jnp.take_along_axis(z, jnp.clip(idx, 0, chunk - 1)[..., None], axis=-1)[..., 0]
+        picked = picked + jnp.where(inside, hit, 0.0)
+        better = cmax > best
+        arg = jnp.where(better, jnp.argmax(z, -1).astype(jnp.int32) + off, arg)
+        return (m_new, s, picked, jnp.where(better, cmax, best), arg), None
+
+    f32 = lambda v: jnp.full(lead, v, jnp.float32)  # noqa: E731
+    init = (f32(NEG_INF), f32(0.0), f32(0.0), f32(-jnp.inf), jnp.zeros(lead, jnp.int32))
+    offsets = jnp.arange(n, dtype=jnp.int32) * chunk
+    (m, s, picked, _, arg), _ = jax.lax.scan(body, init, (ws, ok.reshape(n, chunk), offsets))
+    return picked - (m + jnp.log(s)), arg == targets
 
 
 def abstract_model(cfg: ModelConfig) -> Transformer:

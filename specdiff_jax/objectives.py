@@ -77,13 +77,20 @@ def _token_nll(logits: Array, targets: Array) -> Array:
     return logz - picked
 
 
-def ar_loss(model, batch: dict, rng: Array | None = None, *, document_masking: bool = True):
-    """Mean next-token cross-entropy (nats) over targets inside the same document and not padding."""
+def ar_loss(model, batch: dict, rng: Array | None = None, *, document_masking: bool = True, vocab_chunk: int = 0):
+    """Mean next-token cross-entropy (nats) over targets inside the same document and not padding.
+
+    vocab_chunk > 0: the LM head and softmax run over vocabulary chunks (`Transformer.token_logprobs`), never
+    holding [B, L, V] logits."""
     del rng
     tokens, seg = batch["tokens"], batch["segment_ids"]
     positions, _, mask = document_layout(seg, document_masking)
-    logits, _, _ = model.forward(tokens, positions, mask)
-    nll = _token_nll(logits[:, :-1], tokens[:, 1:])
+    if vocab_chunk > 0:
+        x, _, _ = model.hidden_states(tokens, positions, mask)
+        nll = -model.token_logprobs(x[:, :-1], tokens[:, 1:], chunk=vocab_chunk)[0]
+    else:
+        logits, _, _ = model.forward(tokens, positions, mask)
+        nll = _token_nll(logits[:, :-1], tokens[:, 1:])
     valid = (seg[:, 1:] == seg[:, :-1]) & (seg[:, 1:] != 0)
     n = valid.sum()
     loss = jnp.where(valid, nll, 0.0).sum() / jnp.maximum(n, 1)
@@ -136,23 +143,32 @@ def mdlm_loss_from_logits(logits: Array, tokens: Array, masked: Array, t: Array,
 
     logits f32[B, L, V] (same-position alignment), tokens int32[B, L], masked/valid bool[B, L], t f32[B, L].
     """
-    nll = _token_nll(logits, tokens)
+    return _mdlm_weighted(_token_nll(logits, tokens), masked, t, valid)
+
+
+def _mdlm_weighted(nll: Array, masked: Array, t: Array, valid: Array):
     n = valid.sum()
     w = jnp.where(masked & valid, 1.0 / t, 0.0)
     loss = (w * nll).sum() / jnp.maximum(n, 1)
     return loss, n
 
 
-def mdlm_loss(model, batch: dict, rng: Array, *, document_masking: bool = True, t_min: float = 1e-3):
+def mdlm_loss(model, batch: dict, rng: Array, *, document_masking: bool = True, t_min: float = 1e-3,
+              vocab_chunk: int = 0):
     """Masked-diffusion NELBO (nats per token) of a block_causal drafter over all blocks of the batch."""
     cfg = model.cfg
     tokens, seg = batch["tokens"], batch["segment_ids"]
     L = tokens.shape[1]
     nz = mdlm_noise(rng, tokens, seg, mask_id=cfg.mask_token_id, block_size=cfg.block_size, t_min=t_min)
     positions, mask = two_stream_layout(seg, nz["block"], document_masking)
-    # the LM head only on the noisy half: about a fifth of a drafter's train step
-    logits, _, _ = model.forward(jnp.concatenate([tokens, nz["noisy"]], axis=1), positions, mask, logits_from=L)
-    loss, n = mdlm_loss_from_logits(logits, tokens, nz["masked"], nz["t"], seg != 0)
+    both = jnp.concatenate([tokens, nz["noisy"]], axis=1)
+    if vocab_chunk > 0:  # vocabulary chunks: no [B, L, V] logits
+        x, _, _ = model.hidden_states(both, positions, mask)
+        nll = -model.token_logprobs(x[:, L:], tokens, chunk=vocab_chunk)[0]
+        loss, n = _mdlm_weighted(nll, nz["masked"], nz["t"], seg != 0)
+    else:  # the LM head only on the noisy half: about a fifth of a drafter's train step
+        logits, _, _ = model.forward(both, positions, mask, logits_from=L)
+        loss, n = mdlm_loss_from_logits(logits, tokens, nz["masked"], nz["t"], seg != 0)
     return loss, {"loss": loss, "bits_per_token": loss / LN2, "tokens": n,
                   "mask_rate": nz["masked"].sum() / jnp.maximum(n, 1)}
 
@@ -163,7 +179,7 @@ OBJECTIVES = {"ar": ar_loss, "mdlm": mdlm_loss}
 def make_objective(train_cfg) -> Objective:
     """The objective named by train.objective (`ar` | `mdlm`), with its settings from `train_cfg`."""
     fn = OBJECTIVES[train_cfg.objective]
-    kw = {"document_masking": train_cfg.document_masking}
+    kw = {"document_masking": train_cfg.document_masking, "vocab_chunk": train_cfg.vocab_chunk}
     if train_cfg.objective == "mdlm":
         kw["t_min"] = train_cfg.mdlm_t_min
     return Objective(train_cfg.objective, functools.partial(fn, **kw))

@@ -8,6 +8,13 @@ metadata on `nnx.Param` (see specdiff_jax.model).
 A dimension whose size is not divisible by the product of its mesh axes falls back to replication on that
 dimension (a tiny model on a big mesh still runs; it just is not split there).
 
+Activations are held by logical axes too (`constrain`, the MaxText way): the model names the logical axes of each
+layer's input/output, q/k/v, attention output, MLP hidden and logits, and inside `activation_sharding(mesh, rules)`
+(the train and eval steps) each becomes a `with_sharding_constraint`. Outside that context `constrain` is the
+identity, so decoding and single-device code run unchanged. Without these constraints XLA is free to gather
+activations over the whole batch (e.g. the logits of every row on every device), and per-device memory at a fixed
+per-device batch then grows with the number of devices.
+
 Mesh sizes: `mesh.data/fsdp/tensor` are the sizes *within* a slice (ICI; one may be -1 = the rest of the slice's
 devices), `mesh.dcn_data/dcn_fsdp/dcn_tensor` the sizes *across* slices (DCN, multi-slice TPU); each mesh axis has
 size ici * dcn. Without TPU slices (CPU, GPU) a DCN axis spans processes. `abstract_mesh` builds the same mesh for a
@@ -16,6 +23,8 @@ device count without devices (dry runs: shapes and per-device bytes, nothing all
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Sequence
 
@@ -219,6 +228,41 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 2, *, leading: int = 0)
     """Sharding of a token batch: `leading` unsharded dims (e.g. micro-batches), then batch, then length."""
     spec = logical_to_spec((None,) * leading + ("batch",) + ("length",) * (ndim - leading - 1), rules, mesh)
     return NamedSharding(mesh, spec)
+
+
+# --- activations ---------------------------------------------------------------------------------------
+
+_ACTIVATIONS: contextvars.ContextVar = contextvars.ContextVar("activation_sharding", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh: Mesh | None, rules: Rules):
+    """Within this context (while a step is traced) `constrain` places activations on `mesh` by `rules`."""
+    token = _ACTIVATIONS.set(None if mesh is None or mesh.size == 1 else (mesh, tuple(rules)))
+    try:
+        yield
+    finally:
+        _ACTIVATIONS.reset(token)
+
+
+def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:
+    """`x` held sharded by its logical axes (one name or None per dimension) inside `activation_sharding`;
+    the identity outside it. Dimensions not divisible by their mesh axes stay replicated."""
+    ctx = _ACTIVATIONS.get()
+    if ctx is None:
+        return x
+    mesh, rules = ctx
+    return jax.lax.with_sharding_constraint(x, logical_sharding(mesh, rules, logical_axes, x.shape))
+
+
+def with_activation_sharding(fn, mesh: Mesh | None, rules: Rules):
+    """`fn` traced inside `activation_sharding(mesh, rules)` (wrap a step before jitting it)."""
+
+    def wrapped(*args, **kwargs):
+        with activation_sharding(mesh, rules):
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def describe(shardings: dict) -> list[str]:

@@ -46,7 +46,7 @@ from specdiff_jax.config.run import RunConfig, TrainConfig, save_config, validat
 from specdiff_jax.hf_checkpoint import load_pretrained
 from specdiff_jax.data import corpus
 from specdiff_jax.data.sharded import ShardedStream
-from specdiff_jax.model import Transformer, abstract_model
+from specdiff_jax.model import Transformer, abstract_model, execution
 from specdiff_jax.objectives import Objective, make_objective
 from specdiff_jax.rundir import TrainingDiverged, TrainingError
 from specdiff_jax.tokenizer import load_tokenizer
@@ -269,6 +269,7 @@ def _programs(model_cfg: ModelConfig, tc: TrainConfig, rules, mesh, objective) -
     if not isinstance(objective, Objective):  # a built-in objective's function: the memo key only
         objective = make_objective(tc)
     batch_sh = shd.batch_sharding(mesh, rules, 3, leading=1)
+    traced = functools.partial(_traced, mesh, rules, tc)
     val_sh = shd.batch_sharding(mesh, rules, 2)
     rep = shd.replicated(mesh)
     # e.g. a KD teacher: placed by its own logical axes
@@ -281,13 +282,23 @@ def _programs(model_cfg: ModelConfig, tc: TrainConfig, rules, mesh, objective) -
     return Programs(
         layout=lay, batch_sh=batch_sh, val_sh=val_sh,
         init=lambda params=None: init_fresh() if params is None else init_from(params),
-        train_step=jax.jit(make_train_step(lay.graphdef, objective, lay.tx, lr_schedule(tc), lay.lora_scale),
+        train_step=jax.jit(traced(make_train_step(lay.graphdef, objective, lay.tx, lr_schedule(tc), lay.lora_scale)),
                            in_shardings=(lay.state_sh, batch_sh, lay.frozen_sh) + extra_in,
                            out_shardings=(lay.state_sh, rep), donate_argnums=(0,)),
-        eval_step=jax.jit(make_eval_step(lay.graphdef, objective, lay.lora_scale),
+        eval_step=jax.jit(traced(make_eval_step(lay.graphdef, objective, lay.lora_scale)),
                           in_shardings=(lay.state_sh["params"], val_sh, rep, lay.frozen_sh) + extra_in),
         inputs_sh=inputs_sh,
     )
+
+
+def _traced(mesh, rules, tc: TrainConfig, fn: Callable) -> Callable:
+    """`fn` traced with activations held by logical axes on `mesh` and train.remat / train.attention applied."""
+
+    def wrapped(*args):
+        with shd.activation_sharding(mesh, rules), execution(tc.remat, tc.attention):
+            return fn(*args)
+
+    return wrapped
 
 
 # --- data ---------------------------------------------------------------------------------------------

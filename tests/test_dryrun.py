@@ -138,3 +138,28 @@ def test_activation_estimate_is_within_a_factor_of_xla():
     xla = prog.train_step.lower(*args).compile().memory_analysis().temp_size_in_bytes
     est = dryrun.activation_bytes(cfg.model, mesh, cfg.mesh.logical_axis_rules, rows=8, tokens=64)
     assert 0.5 < est / xla < 2, (est, xla)
+
+
+@pytest.mark.multidevice
+def test_compiled_figure_is_extrapolated_over_layers_and_printed_beside_the_estimate():
+    """`--compiled`: XLA's per-device figure of the real train step on 2 fake CPU devices, compiled at 1 and 2
+    layers and extrapolated to 3, equals the 3-layer compile; the table shows it beside the estimate, and the fit
+    check uses it."""
+    from specdiff_jax.compiled_memory import measure
+
+    cfg = load_config(None, ["model.vocab_size=256", "model.hidden_size=32", "model.num_layers=3",
+                             "model.num_heads=4", "model.num_kv_heads=2", "model.head_dim=8",
+                             "model.intermediate_size=64", "model.max_seq_len=64", "model.eos_token_id=1",
+                             "model.pad_token_id=0", "data.seq_len=32", "data.batch_size=2", "mesh.data=1",
+                             "mesh.fsdp=-1", "mesh.num_devices=2", "train.remat=full", "train.vocab_chunk=64"])
+    lines = []
+    r = dryrun.run(cfg, "train", out=lines.append, compiled=(1, 2))
+    full = measure(cfg, (2, 3)).measured[3]
+    assert r.compiled.total == pytest.approx(full["total"], rel=0.02), (r.compiled.measured, full)
+    assert r.total == r.compiled.total and r.gap == pytest.approx(r.estimate / r.compiled.total - 1)
+    assert "| **XLA compiled** |" in lines[0] and "bf16 matmuls in f32" in lines[0]
+    r.budget = r.compiled.total  # the fit check reads the compiled figure, whatever the estimate says
+    dryrun.check(r)
+    r.budget = r.compiled.total - 1
+    with pytest.raises(dryrun.DoesNotFit, match="needs"):
+        dryrun.check(r)

@@ -26,6 +26,7 @@ from specdiff_jax.cli import fail, interrupted_message, run_program
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.config.run import load_config, to_yaml
 from specdiff_jax.distributed import initialize
+from specdiff_jax.dryrun import COMPILED_HELP, compiled_layers
 from specdiff_jax.dryrun import run as dry_run
 
 
@@ -37,6 +38,8 @@ def parse_args(argv=None):
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="per-device memory of a calibration step on the config's "
                    "mesh (model section = the drafter), nothing allocated; exit 2 if it does not fit")
+    p.add_argument("--compiled", action="store_true", help=COMPILED_HELP)
+    p.add_argument("--compiled-layers", default="2,4", metavar="L1,L2", help="the two layer counts compiled")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="overrides; loss=X means calibrate.loss=X")
     return p.parse_intermixed_args(argv)
 
@@ -59,7 +62,11 @@ def main(argv=None) -> int:
         mc = Path(cfg.train.init_from or "") / "model_config.json"
         if cfg.train.init_from and mc.is_file():  # the drafter's own config when it exists (as resolve() does)
             cfg = cfg.replace(model=ModelConfig.load(mc))
-        return run_program(lambda: dry_run(cfg, "train"))[0] or 0
+        try:
+            layers = compiled_layers(args.compiled_layers) if args.compiled else None
+        except ConfigError as e:
+            return fail(e)
+        return run_program(lambda: dry_run(cfg, "train", compiled=layers))[0] or 0
     if not cfg.workdir:
         return fail("no work dir: pass --workdir DIR (or workdir=DIR)")
 

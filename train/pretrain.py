@@ -17,6 +17,7 @@ from specdiff_jax.cli import fail, interrupted_message, run_program
 from specdiff_jax.config import ConfigError
 from specdiff_jax.config.run import load_config, to_yaml
 from specdiff_jax.distributed import initialize
+from specdiff_jax.dryrun import COMPILED_HELP, compiled_layers
 from specdiff_jax.dryrun import run as dry_run
 from specdiff_jax.training import train
 
@@ -28,6 +29,8 @@ def parse_args(argv=None):
     p.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     p.add_argument("--dry-run", action="store_true", help="build the mesh (mesh.num_devices > 0: abstract), print "
                    "per-device memory and parameter shardings, allocate nothing; exit 2 if it does not fit")
+    p.add_argument("--compiled", action="store_true", help=COMPILED_HELP)
+    p.add_argument("--compiled-layers", default="2,4", metavar="L1,L2", help="the two layer counts compiled")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys")
     return p.parse_args(argv)
 
@@ -43,7 +46,11 @@ def main(argv=None) -> int:
         print(to_yaml(cfg), end="")
         return 0
     if args.dry_run:
-        return run_program(lambda: dry_run(cfg, "train"))[0] or 0
+        try:
+            layers = compiled_layers(args.compiled_layers) if args.compiled else None
+        except ConfigError as e:
+            return fail(e)
+        return run_program(lambda: dry_run(cfg, "train", compiled=layers))[0] or 0
     if not cfg.workdir:
         return fail("no work dir: pass --workdir DIR (or workdir=DIR)")
 

@@ -60,6 +60,23 @@ def target_logprobs(logq: Array, targets: Array) -> Array:
     return jnp.maximum(jnp.take_along_axis(logq, targets[..., None], axis=-1)[..., 0], LQ_FLOOR)
 
 
+def chunked_target_logprobs(drafter, hidden: Array, targets: Array, temperature: float, *,
+                            num_sampleable: int | None = None, exclude: tuple[int, ...] = (),
+                            chunk: int) -> tuple[Array, Array]:
+    """`target_logprobs(log_probs(drafter.logits(hidden), ...), targets)` and whether each target is the argmax,
+    without [..., V] logits: the LM head runs over vocabulary chunks (`Transformer.token_logprobs`).
+
+    hidden [..., D] (the drafter's last layer output, before the final norm), targets int32[...] ->
+    (f32[...], bool[...]). What the streak, ce_streak and mdlm losses need (the kd losses need whole
+    distributions)."""
+    if not temperature > 0:
+        raise ConfigError(f"calibration temperature {temperature!r} must be > 0 (a loss needs a smooth q)")
+    V = drafter.cfg.vocab_size
+    ok = allowed_ids(V, V if num_sampleable is None else num_sampleable, exclude)
+    lp, hit = drafter.token_logprobs(hidden, targets, chunk=chunk, temperature=temperature, allowed=ok)
+    return jnp.maximum(lp, LQ_FLOOR), hit
+
+
 # --- losses (N windows of G positions) ----------------------------------------------------------------
 def _window_mean(per_window: Array, valid: Array) -> Array:
     w = valid.any(-1)

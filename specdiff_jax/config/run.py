@@ -78,6 +78,9 @@ class TrainConfig:
     lora_rank: int = 0
     lora_alpha: float = 16.0
     lora_targets: tuple[str, ...] = LORA_TARGETS
+    remat: Literal["none", "full", "dots_saveable", "dots_with_no_batch_dims_saveable"] = "none"
+    attention: Literal["auto", "plain", "xla", "cudnn"] = "auto"
+    vocab_chunk: int = 0
     log_every: int = 10
     eval_every: int = 200
     progress_bar: bool = True
@@ -565,6 +568,8 @@ def validate(cfg: RunConfig) -> None:
         bad("train.end_lr_ratio", t.end_lr_ratio, "must be in [0, 1]")
     if not 0 < t.mdlm_t_min < 1:
         bad("train.mdlm_t_min", t.mdlm_t_min, "must be in (0, 1)")
+    if t.vocab_chunk < 0:
+        bad("train.vocab_chunk", t.vocab_chunk, "must be >= 0 (0 = full logits)")
     if t.grad_clip < 0:
         bad("train.grad_clip", t.grad_clip, "must be >= 0 (0 disables clipping)")
     if t.lora_rank < 0:
