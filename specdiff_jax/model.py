@@ -279,15 +279,14 @@ class Transformer(nnx.Module):
         cdt = jax_dtype(self.cfg.dtype)
         x = constrain(jnp.take(self.embed_tokens.value, tokens, axis=0).astype(cdt), ACT)
         policy = REMAT_POLICIES[_EXECUTION.get().remat]
+        if cache is None and policy is not None:
+            return _remat_scan(self.layers, x, positions, block_mask, policy)
         ks, vs = [], []
         for i, layer in enumerate(self.layers):
-            if cache is None and policy is not None:
-                x, k, v = _remat_layer(layer, x, positions, block_mask, policy)
-            else:
-                ck = None if cache is None else cache.k[i]
-                cv = None if cache is None else cache.v[i]
-                cl = None if cache is None else cache.lengths
-                x, k, v = layer(x, positions, block_mask, ck, cv, cl)
+            ck = None if cache is None else cache.k[i]
+            cv = None if cache is None else cache.v[i]
+            cl = None if cache is None else cache.lengths
+            x, k, v = layer(x, positions, block_mask, ck, cv, cl)
             ks.append(k)
             vs.append(v)
         return x, jnp.stack(ks), jnp.stack(vs)
@@ -339,10 +338,21 @@ class Transformer(nnx.Module):
         return logits
 
 
-def _remat_layer(layer: DecoderLayer, x, positions, block_mask, policy):
-    """One cache-free decoder layer under nnx.remat: the backward pass recomputes what `policy` does not save."""
-    fn = nnx.remat(lambda lyr, x_, p_, m_: lyr(x_, p_, m_, None, None, None), policy=policy)
-    return fn(layer, x, positions, block_mask)
+def _remat_scan(layers, x, positions, block_mask, policy):
+    """The cache-free layer stack as one `lax.scan` over the stacked layer states, each step under
+    `jax.checkpoint(policy)`: the backward pass recomputes a layer inside its loop iteration, so the recomputation
+    cannot be scheduled next to the forward. (With an unrolled stack of checkpointed layers XLA is free to do that,
+    and XLA's CPU scheduler does: the compiled figure then keeps every layer's intermediates, as without remat.)
+    Returns (x, k [L, ...], v [L, ...]) like the unrolled stack."""
+    graphdef, _ = nnx.split(layers[0])
+    stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.split(layer)[1] for layer in layers))
+
+    def body(h, st):
+        h, k, v = nnx.merge(graphdef, st)(h, positions, block_mask, None, None, None)
+        return h, (k, v)
+
+    x, (ks, vs) = jax.lax.scan(jax.checkpoint(body, policy=policy, prevent_cse=False), x, stacked)
+    return x, ks, vs
 
 
 def _chunked_logprobs(h: Array, w: Array, targets: Array, chunk: int, temperature: float, allowed):
