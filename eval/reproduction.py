@@ -1,7 +1,8 @@
 """The SpecDiff-2 paper's five findings re-measured on the embedded models (docs/REPRODUCTION.md).
 
-    python -m eval.reproduction --out results/reproduction          # a few minutes on one CPU core
-    python -m eval.reproduction --out results/reproduction --full   # more prompts, tokens and settings
+    python -m eval.reproduction          # docs/REPRODUCTION.md + docs/figures/reproduction/; minutes on one core
+    python -m eval.reproduction --full   # more prompts, tokens and settings (about 30 min on one core)
+    python -m eval.reproduction --out results/reproduction --doc results/reproduction/REPRODUCTION.md
 
 1. acceptance by draft position: streak-distilled vs per-token KD vs base drafter (paper Fig. 2);
 2. tokens per verifier call over K drafts x draft temperature at verifier T=1, with self-selection (Fig. 5);
@@ -10,14 +11,16 @@
 5. tokens within a fixed wall-clock budget, AR vs SpecDiff-2 (Fig. 6).
 
 Every measurement runs the decode kernel on held-out prompts (HumanEval and corpus validation snippets, never
-calibration prompts). Writes report.md (the paper's numbers beside ours, one sentence on agreement per finding),
-report.json and, when matplotlib is installed, one PNG per finding (skipped with a note otherwise).
+calibration prompts). Writes --doc (markdown: the paper's numbers beside ours, one sentence on agreement per
+finding), --out/report.json and, when matplotlib is installed, one PNG per finding in --out (skipped with a note
+otherwise).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +42,8 @@ PAPER = {
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m eval.reproduction", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", default="results/reproduction")
+    p.add_argument("--out", default="docs/figures/reproduction", help="report.json and the plots")
+    p.add_argument("--doc", default="docs/REPRODUCTION.md", help="the markdown report")
     p.add_argument("--assets", default="assets/tiny", help="embedded models dir (MANIFEST.json picks the drafters)")
     p.add_argument("--data-dir", default="data", help="corpus (validation split: held-out prompts)")
     p.add_argument("--full", action="store_true", help="32 HumanEval + 32 validation prompts, 128 tokens, K up to "
@@ -261,7 +265,8 @@ def render_fig6(r: dict) -> list[str]:
     return lines
 
 
-def render(res: dict) -> str:
+def render(res: dict, figs: str = ".") -> str:
+    """The markdown report; `figs`: the plots' directory relative to the report."""
     m = res["meta"]
     lines = ["# The paper's findings on the embedded models", "",
              f"Regenerate: `{m['command']}` ({m['seconds']:.0f} s here). Verifier `{m['verifier']}`; drafters "
@@ -271,7 +276,8 @@ def render(res: dict) -> str:
              "the directions compare, the magnitudes need not.", ""]
     for f in (render_fig2(res["fig2"]), render_fig5(res["fig5"]), render_table3(res["table3"]),
               render_fig9(res["fig9"]), render_fig6(res["fig6"])):
-        lines += f
+        lines += [x.replace("](fig", f"]({figs}/fig") if x.startswith("![") else x for x in f
+                  if not x.startswith("![") or x[x.index("(") + 1: -1] in m.get("plots", [])]
     if m.get("notes"):
         lines += ["## Notes", ""] + [f"- {n}" for n in m["notes"]] + [""]
     return "\n".join(lines)
@@ -374,7 +380,9 @@ def run(args, log=print) -> dict:
         t0 = time.perf_counter()
         res[name] = fn()
         log(f"{name}: {time.perf_counter() - t0:.0f}s")
-    cmd = "python -m eval.reproduction --out " + str(args.out) + (" --full" if args.full else "")
+    cmd = "python -m eval.reproduction" + (" --full" if args.full else "")
+    if (args.out, args.doc) != ("docs/figures/reproduction", "docs/REPRODUCTION.md"):
+        cmd += f" --out {args.out} --doc {args.doc}"
     res["meta"] = {"command": cmd, "seconds": time.perf_counter() - t_start, "verifier": str(adir / "verifier"),
                    "drafters": paths, "prompts": len(ps), "new_tokens": s["new"], "gamma": args.gamma,
                    "prompt_sources": f"{s['humaneval']} HumanEval, {s['prompts']} validation snippets",
@@ -382,9 +390,11 @@ def run(args, log=print) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     res["meta"]["plots"] = write_plots(out, res)
-    (out / "report.md").write_text(render(res))
+    doc = Path(args.doc)
+    doc.parent.mkdir(parents=True, exist_ok=True)
+    doc.write_text(render(res, os.path.relpath(out, doc.parent)))
     (out / "report.json").write_text(json.dumps(res, indent=2) + "\n")
-    log(f"wrote {out / 'report.md'}, {out / 'report.json'} and {len(res['meta']['plots'])} plots")
+    log(f"wrote {doc}, {out / 'report.json'} and {len(res['meta']['plots'])} plots in {out}")
     return res
 
 
