@@ -47,4 +47,10 @@ def test_report_carries_the_papers_numbers_and_the_measured_ones():
 def test_agreement_sentences_follow_the_measurements():
     md = rp.render(_result(_fig2(0.8, 0.4, 0.3), sel_gain=0.3, streak_gain=0.1))
     assert "does not hold" in md.split("## 2.")[0]
-    assert "self-selection is the larger one here, unlike the paper" in md
+    assert "self-selection is the larger gain here, unlike the paper" in md
+
+
+def test_table3_sentence_names_what_helps():
+    assert rp._table3_sentence(0.3, 0.1).startswith("Both components help")
+    assert rp._table3_sentence(-0.2, -0.7).startswith("Neither component raises speed here")
+    assert rp._table3_sentence(0.2, -0.7).startswith("Only streak distillation helps here")
