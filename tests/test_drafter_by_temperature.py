@@ -117,3 +117,49 @@ def test_auto_plan_profiles_only_the_drafter_serving_the_run_temperature(monkeyp
                             cost_model=cpu_like_cost(), max_gamma=8)
         assert seen and all(d is want for d in seen)
         assert plan.drafter is want
+
+
+@pytest.fixture(scope="module")
+def served_dir(tmp_path_factory):
+    """A verifier and two tiny drafters, recorded as serving T=0 and T=1 in a MANIFEST.json beside them."""
+    from specdiff_jax.checkpoint import save_pretrained
+
+    d = tmp_path_factory.mktemp("served")
+    save_pretrained(Transformer(tiny_config(num_layers=2, eos_token_id=1), rngs=nnx.Rngs(0)), d / "verifier")
+    for i, name in enumerate(("drafter_streak_t0", "drafter_streak_t1")):
+        save_pretrained(Transformer(tiny_config(attention="block_causal", mask_token_id=3, eos_token_id=1,
+                                                block_size=4), rngs=nnx.Rngs(10 + i)), d / name)
+    _manifest(d, {"verifier": None, "drafter_streak_t0": 0.0, "drafter_streak_t1": 1.0})
+    return d
+
+
+def test_benchmark_by_temperature_loads_the_drafter_serving_each_temperature(served_dir):
+    from eval.benchmark import _load_models, load_bench_config
+    from specdiff_jax.decode.cost import fingerprint
+    from specdiff_jax.hf_checkpoint import load_pretrained
+
+    cfg = load_bench_config("configs/bench/tiny.yaml", [f"verifier={served_dir / 'verifier'}",
+                                                        "methods=[ar, specdiff2]", "temperatures=[0.0, 1.0]",
+                                                        "sweep_temperatures=[]"])
+    assert cfg.specdiff2_drafter == "by_temperature"
+    models, notes = _load_models(cfg)
+    for t, name in ((0.0, "drafter_streak_t0"), (1.0, "drafter_streak_t1")):
+        assert fingerprint(models[("specdiff2", t)]) == fingerprint(load_pretrained(served_dir / name))
+        assert models[("specdiff2", t)].serves_temperature == t
+        assert any(name in n and f"temperature {t:g}" in n for n in notes), notes
+
+
+def test_generate_without_a_drafter_uses_the_one_serving_its_temperature(served_dir):
+    import argparse
+
+    from eval.generate import _manifest_drafters
+    from specdiff_jax.decode.cost import fingerprint
+    from specdiff_jax.hf_checkpoint import load_pretrained
+
+    for t, name in ((0.0, "drafter_streak_t0"), (1.0, "drafter_streak_t1"), (0.7, "drafter_streak_t1")):
+        args = argparse.Namespace(method="specdiff2", verifier=str(served_dir / "verifier"), temperature=t,
+                                  dtype=None)
+        [d] = _manifest_drafters(args, None)
+        assert fingerprint(d) == fingerprint(load_pretrained(served_dir / name)), (t, name)
+    args = argparse.Namespace(method="ar", verifier=str(served_dir / "verifier"), temperature=0.0, dtype=None)
+    assert _manifest_drafters(args, None) == []
