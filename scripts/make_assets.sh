@@ -19,10 +19,10 @@ DRAFTER_STEPS=${DRAFTER_STEPS:-1500}
 AR_DRAFTER_STEPS=${AR_DRAFTER_STEPS:-800}
 CALIB_STEPS=${CALIB_STEPS:-800}        # kd_first / kd_window
 T0_STEPS=${T0_STEPS:-1400}             # drafter_streak_t0
-T1_STEPS=${T1_STEPS:-800}              # drafter_streak_t1
+T1_STEPS=${T1_STEPS:-600}              # drafter_streak_t1
 GEN_PROMPTS=${GEN_PROMPTS:-768}        # x 2 samples at T=0.5 (KD drafters)
 GEN_T0_PROMPTS=${GEN_T0_PROMPTS:-4096} # x 1 greedy completion
-GEN_T1_PROMPTS=${GEN_T1_PROMPTS:-1024} # x 2 samples at T=1
+GEN_T1_PROMPTS=${GEN_T1_PROMPTS:-768}  # x 2 samples at T=1
 KD=${KD:-auto}   # the KD drafter shipped beside the streak ones: kd_first | kd_window | auto (more tokens per call)
 
 bash scripts/prepare_data.sh data
@@ -46,7 +46,7 @@ done
 "$PY" "${CAL[@]}" --workdir "$RUNS/drafter_streak_t0" loss=ce_streak calibrate.data_dir=data/verifier_completions_t0 \
     train.steps="$T0_STEPS" train.eval_every=400
 "$PY" "${CAL[@]}" --workdir "$RUNS/drafter_streak_t1" loss=ce_streak calibrate.data_dir=data/verifier_completions_t1 \
-    train.steps="$T1_STEPS" train.eval_every=400
+    train.steps="$T1_STEPS" train.eval_every=300
 # tau (tokens per verifier call) with its 95% bootstrap interval and alpha_j of every drafter in the decode kernel
 # (greedy verifier, gamma 16, 96 held-out prompts); each drafter at the draft temperature it serves, base at both
 "$PY" -m eval.calibration_report --out "$RUNS/report" --drafter base="$RUNS/drafter_base/export" \
