@@ -57,8 +57,8 @@ def plan_sizes(full: bool) -> dict:
     if full:
         return dict(humaneval=32, prompts=32, new=128, ks=[1, 2, 4, 8], temps=[0.5, 1.0, 2.0], steps=[1, 2, 4, 8],
                     budget_prompts=8, budgets=[0.05, 0.1, 0.2, 0.4, 0.8])
-    return dict(humaneval=4, prompts=4, new=64, ks=[1, 4, 8], temps=[1.0, 2.0], steps=[1, 2, 4],
-                budget_prompts=2, budgets=[0.05, 0.1, 0.2, 0.4])
+    return dict(humaneval=8, prompts=8, new=64, ks=[1, 4, 8], temps=[1.0, 2.0], steps=[1, 2, 4],
+                budget_prompts=4, budgets=[0.05, 0.1, 0.2, 0.4])
 
 
 def decode_stats(verifier, drafter, prompts, *, method="specdiff2", temperature=0.0, batch=8, **kw) -> dict:
