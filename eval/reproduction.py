@@ -1,7 +1,7 @@
 """The SpecDiff-2 paper's five findings re-measured on the embedded models (docs/REPRODUCTION.md).
 
     python -m eval.reproduction          # docs/REPRODUCTION.md + docs/figures/reproduction/; minutes on one core
-    python -m eval.reproduction --full   # more prompts, tokens and settings (about 30 min on one core)
+    python -m eval.reproduction --full   # 64 prompts, 128 tokens, more settings (tens of minutes on one core)
     python -m eval.reproduction --out results/reproduction --doc results/reproduction/REPRODUCTION.md
 
 1. acceptance by draft position: streak-distilled vs per-token KD vs base drafter (paper Fig. 2);
@@ -47,7 +47,7 @@ def parse_args(argv=None):
     p.add_argument("--assets", default="assets/tiny", help="embedded models dir (MANIFEST.json picks the drafters)")
     p.add_argument("--data-dir", default="data", help="corpus (validation split: held-out prompts)")
     p.add_argument("--full", action="store_true", help="32 HumanEval + 32 validation prompts, 128 tokens, K up to "
-                   "8 and draft temperatures 0.5/1/2, denoising steps up to 8 (about 30 min on one core)")
+                   "8 and draft temperatures 0.5/1/2, denoising steps up to 8 (tens of minutes on one core)")
     p.add_argument("--gamma", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
     return p.parse_intermixed_args(argv)
