@@ -18,8 +18,9 @@ VERIFIER_STEPS=${VERIFIER_STEPS:-2000}
 DRAFTER_STEPS=${DRAFTER_STEPS:-1500}
 AR_DRAFTER_STEPS=${AR_DRAFTER_STEPS:-800}
 CALIB_STEPS=${CALIB_STEPS:-800}        # kd_first / kd_window
-T0_STEPS=${T0_STEPS:-1400}             # drafter_streak_t0
-T1_STEPS=${T1_STEPS:-600}              # drafter_streak_t1
+T0_STEPS=${T0_STEPS:-1400}             # drafter_streak_t0: lr 1e-3 ...
+T0_MORE_STEPS=${T0_MORE_STEPS:-500}    # ... then these at lr 5e-4 from that export
+T1_STEPS=${T1_STEPS:-400}              # drafter_streak_t1
 GEN_PROMPTS=${GEN_PROMPTS:-768}        # x 2 samples at T=0.5 (KD drafters)
 GEN_T0_PROMPTS=${GEN_T0_PROMPTS:-4096} # x 1 greedy completion
 GEN_T1_PROMPTS=${GEN_T1_PROMPTS:-768}  # x 2 samples at T=1
@@ -43,10 +44,13 @@ CAL=(-m train.calibrate --config configs/calibrate/tiny.yaml calibrate.eval_prom
 for loss in kd_first kd_window; do
   "$PY" "${CAL[@]}" --workdir "$RUNS/drafter_$loss" loss=$loss train.steps="$CALIB_STEPS"
 done
+"$PY" "${CAL[@]}" --workdir "$RUNS/drafter_streak_t0_stage1" loss=ce_streak \
+    calibrate.data_dir=data/verifier_completions_t0 train.steps="$T0_STEPS" train.eval_every=400
 "$PY" "${CAL[@]}" --workdir "$RUNS/drafter_streak_t0" loss=ce_streak calibrate.data_dir=data/verifier_completions_t0 \
-    train.steps="$T0_STEPS" train.eval_every=400
+    train.init_from="$RUNS/drafter_streak_t0_stage1/export" train.steps="$T0_MORE_STEPS" train.lr=5e-4 \
+    train.warmup_steps=20 train.eval_every=250
 "$PY" "${CAL[@]}" --workdir "$RUNS/drafter_streak_t1" loss=ce_streak calibrate.data_dir=data/verifier_completions_t1 \
-    train.steps="$T1_STEPS" train.eval_every=300
+    train.steps="$T1_STEPS" train.eval_every=200
 # tau (tokens per verifier call) with its 95% bootstrap interval and alpha_j of every drafter in the decode kernel
 # (greedy verifier, gamma 16, 96 held-out prompts); each drafter at the draft temperature it serves, base at both
 "$PY" -m eval.calibration_report --out "$RUNS/report" --drafter base="$RUNS/drafter_base/export" \
