@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from specdiff_jax.assets import BY_TEMPERATURE
 from specdiff_jax.cli import fail
 from specdiff_jax.config import ConfigError
 from specdiff_jax.config.run import BenchConfig, _plain, load_section
@@ -149,14 +150,15 @@ def _decoder(job: dict, models: dict, cfg: BenchConfig, eos_id):
     from specdiff_jax.decode import Decoder
 
     mesh, rules = decode_mesh(cfg)
-    m = job["method"]
+    m, temp = job["method"], job["temperature"]
     if m == "auto":
-        cands = [models[k] for k in ("specdiff2", "sps", "specdiff") if k in models]
+        cands = [models.get((k, temp), models[k]) for k in ("specdiff2", "sps", "specdiff") if k in models]
         return Decoder(models["verifier"], cands, method="auto", max_new_tokens=cfg.max_new_tokens,
                        temperature=job["temperature"], eos_id=eos_id, gamma=cfg.auto_max_gamma,
                        adaptive_gamma=cfg.auto_adaptive_gamma, cost_model=job.get("cost_model"),
                        plan_prompts=[p["ids"] for p in job.get("plan_prompts", [])] or None, mesh=mesh, rules=rules)
-    return Decoder(models["verifier"], models.get(m), method=m, max_new_tokens=cfg.max_new_tokens,
+    drafter = models.get((m, temp), models.get(m))  # specdiff2_drafter=by_temperature: the one serving temp
+    return Decoder(models["verifier"], drafter, method=m, max_new_tokens=cfg.max_new_tokens,
                    temperature=job["temperature"], eos_id=eos_id, mesh=mesh, rules=rules, **job["settings"])
 
 
@@ -172,6 +174,8 @@ def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:
         needed = method in cfg.methods or "auto" in cfg.methods or (method == "sps" and "hf_assisted" in cfg.methods)
         if not needed:
             continue
+        if method == "specdiff2" and path == BY_TEMPERATURE and _by_temperature(cfg, models, notes):
+            continue
         if not Path(path).exists():
             if method == "specdiff2" and Path(cfg.specdiff_drafter).exists():
                 notes.append(f"specdiff2 drafter {path} is missing: specdiff2 uses the base drafter "
@@ -182,6 +186,32 @@ def _load_models(cfg: BenchConfig) -> tuple[dict, list[str]]:
                                  f"{method} from methods")
         models[method] = load_pretrained(path)
     return models, notes
+
+
+def _by_temperature(cfg: BenchConfig, models: dict, notes: list[str]) -> bool:
+    """specdiff2_drafter=by_temperature: models[("specdiff2", T)] = the drafter the verifier's MANIFEST.json
+    records as serving T (nearest serves_temperature), for every temperature the benchmark runs; False (and a
+    note) when the manifest records none, so the configured fallback applies."""
+    from specdiff_jax import assets, load_pretrained
+
+    adir = Path(cfg.verifier).parent
+    try:
+        table = assets.drafters_by_temperature(adir)
+    except FileNotFoundError:
+        table = {}
+    if not table:
+        notes.append(f"specdiff2_drafter={BY_TEMPERATURE}: {adir / assets.MANIFEST} records no drafter with "
+                     f"serves_temperature")
+        return False
+    loaded = {}
+    for t in sorted(set(cfg.temperatures) | set(cfg.sweep_temperatures)):
+        served = assets.nearest_temperature(t, table)
+        if served not in loaded:
+            loaded[served] = assets.tag(load_pretrained(table[served]), served)
+        models[("specdiff2", t)] = loaded[served]
+        notes.append(f"specdiff2 at temperature {t:g} drafts with {table[served]} (serves temperature {served:g})")
+    models["specdiff2"] = next(iter(loaded.values()))  # the cost model only needs the (shared) shape
+    return True
 
 
 # ---------------------------------------------------------------------------------------------------------

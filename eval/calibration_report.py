@@ -38,7 +38,8 @@ DEFAULT_DRAFTERS = {
     "kd_window": "assets/tiny/drafter_kd_window",
     "ce_streak": "assets/tiny/drafter_ce_streak",
     "mdlm": "assets/tiny/drafter_mdlm",
-    "streak": "assets/tiny/drafter_streak",
+    "streak_t0": "assets/tiny/drafter_streak_t0",
+    "streak_t1": "assets/tiny/drafter_streak_t1",
 }
 
 
@@ -47,8 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--verifier", default="assets/tiny/verifier")
     p.add_argument("--tokenizer", default="assets/tiny")
     p.add_argument("--data-dir", default="data", help="corpus (its validation split gives held-out prompts)")
-    p.add_argument("--drafter", action="append", default=[], metavar="NAME=DIR",
-                   help="a drafter to compare (repeatable); default: the assets/tiny drafters that exist")
+    p.add_argument("--drafter", action="append", default=[], metavar="NAME=DIR[@T,...]",
+                   help="a drafter to compare (repeatable); @T,... limits it to these draft temperatures (default: "
+                   "every --draft-temperature); default: the assets/tiny drafters that exist")
     p.add_argument("--humaneval", type=int, default=32, help="first N HumanEval prompts")
     p.add_argument("--prompts", type=int, default=64, help="validation-split snippets")
     p.add_argument("--prompt-tokens", type=int, default=64, help="length of a validation snippet (tokens)")
@@ -82,17 +84,32 @@ def heldout_prompts(args, tok) -> list[dict]:
     return out
 
 
+def parse_drafter(item: str) -> tuple[str, str, list[float] | None]:
+    """NAME=DIR[@T,...] -> (name, dir, draft temperatures or None for all)."""
+    if "=" not in item:
+        raise ValueError(f"--drafter {item!r} must be NAME=DIR or NAME=DIR@T,... (e.g. t1=assets/tiny/x@1)")
+    k, v = item.split("=", 1)
+    temps = None
+    if "@" in v:
+        v, t = v.rsplit("@", 1)
+        try:
+            temps = [float(x) for x in t.split(",") if x]
+        except ValueError:
+            raise ValueError(f"--drafter {item!r}: the draft temperatures after @ must be numbers, e.g. @0,1") from None
+    if not Path(v).exists():
+        raise FileNotFoundError(f"--drafter {item!r}: {v!r} does not exist")
+    return k, v, temps
+
+
 def _drafters(args) -> tuple[dict[str, str], list[str]]:
     notes = []
     if args.drafter:
-        pairs = {}
+        pairs, args.only_temps = {}, {}
         for item in args.drafter:
-            if "=" not in item:
-                raise ValueError(f"--drafter {item!r} must be NAME=DIR")
-            k, v = item.split("=", 1)
-            if not Path(v).exists():
-                raise FileNotFoundError(f"--drafter {item!r}: {v!r} does not exist")
+            k, v, temps = parse_drafter(item)
             pairs[k] = v
+            if temps is not None:
+                args.only_temps[k] = temps
         return pairs, notes
     pairs = {k: v for k, v in DEFAULT_DRAFTERS.items() if Path(v).exists()}
     notes += [f"{k}: {v} not found, skipped" for k, v in DEFAULT_DRAFTERS.items() if k not in pairs]
@@ -113,6 +130,20 @@ def bootstrap_ratio(tokens_a, rounds_a, tokens_b, rounds_b, *, resamples: int = 
     idx = np.random.default_rng(seed).integers(0, len(ta), size=(resamples, len(ta)))
     ratio = (ta[idx].sum(1) / np.maximum(ra[idx].sum(1), 1)) / (tb[idx].sum(1) / np.maximum(rb[idx].sum(1), 1))
     lo, hi = np.quantile(ratio, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
+def bootstrap_tau(tokens, rounds, *, resamples: int = 2000, seed: int = 0,
+                  level: float = 0.95) -> tuple[float, float]:
+    """Percentile confidence interval of tau = sum tokens / sum rounds, resampling prompts (the same resampled
+    prompt sets as `bootstrap_ratio` with the same seed, so both intervals are paired over prompts)."""
+    import numpy as np
+
+    t, r = np.asarray(tokens, np.float64), np.asarray(rounds, np.float64)
+    if len(t) != len(r) or len(t) == 0:
+        raise ValueError("bootstrap_tau: per-prompt arrays must be non-empty and of one length")
+    idx = np.random.default_rng(seed).integers(0, len(t), size=(resamples, len(t)))
+    lo, hi = np.quantile(t[idx].sum(1) / np.maximum(r[idx].sum(1), 1), [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
 
@@ -169,12 +200,12 @@ def render(rows: list[dict], windows: dict, meta: dict) -> str:
     lines = [f"# Calibration report", "",
              f"Verifier `{meta['verifier']}`, greedy, gamma {G}, {meta['num_prompts']} held-out prompts "
              f"({meta['prompt_sources']}), {meta['max_new_tokens']} new tokens each.", "",
-             "tau = tokens per verifier call; vs base: its change, with a 95% paired-bootstrap interval over prompts "
-             "when per-prompt counts are known. alpha_j = P(accept j | 1..j-1 accepted); P(j) = P(draft token j "
-             "accepted) per round.", "",
-             f"| drafter | draft temp | tau | vs base | mean accepted | alpha_1 | alpha_2 | alpha_{mid} | "
+             "tau = tokens per verifier call, [its 95% bootstrap interval over prompts]; vs base: its change, with "
+             "a 95% paired-bootstrap interval over prompts when per-prompt counts are known. alpha_j = P(accept j | "
+             "1..j-1 accepted); P(j) = P(draft token j accepted) per round.", "",
+             f"| drafter | draft temp | tau | tau 95% CI | vs base | mean accepted | alpha_1 | alpha_2 | alpha_{mid} | "
              f"mean alpha_j, j >= {mid} | P({mid}) | mean P(j), j >= {mid} |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(x):
         return "-" if x is None else f"{x:.3f}"
@@ -185,7 +216,9 @@ def render(rows: list[dict], windows: dict, meta: dict) -> str:
         u = r.get("accept_rate")
         pu = f"{u[mid - 1]:.4f}" if u else "-"
         mu = f"{sum(u[mid - 1:]) / len(u[mid - 1:]):.4f}" if u else "-"
-        lines.append(f"| {r['drafter']} | {r['draft_temperature']:g} | {r['tokens_per_verifier_call']:.3f} | "
+        ci = r.get("tau_ci95")
+        ci = f"[{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "-"
+        lines.append(f"| {r['drafter']} | {r['draft_temperature']:g} | {r['tokens_per_verifier_call']:.3f} | {ci} | "
                      f"{_rel(r, base.get(r['draft_temperature']))} | {r['mean_accepted']:.3f} | {f(a[0])} | "
                      f"{f(a[1] if G > 1 else None)} | {f(a[mid - 1])} | "
                      f"{f(sum(seen) / len(seen) if seen else None)} | {pu} | {mu} |")
@@ -210,15 +243,20 @@ def run(args, log=print) -> dict:
     ids = [p["ids"] for p in prompts]
     temps = args.draft_temperature or [0.0]
     rows = []
-    for t in temps:
+    only = getattr(args, "only_temps", {})
+    for t in temps + sorted({x for v in only.values() for x in v} - set(temps)):
         for name, d in drafters.items():
+            if t not in only.get(name, temps):
+                continue
             t0 = time.perf_counter()
             k = kernel_eval(verifier, d, ids, gamma=gamma, max_new_tokens=args.max_new_tokens,
                             batch_size=args.batch_size, draft_temperature=t, eos_id=tok.eos_id)
             k.update(drafter=name, path=pairs[name], seconds=round(time.perf_counter() - t0, 2))
+            k["tau_ci95"] = list(bootstrap_tau(k["row_tokens"], k["row_verifier_calls"]))
             rows.append(k)
-            log(f"{name} (draft temp {t:g}): {k['tokens_per_verifier_call']:.3f} tokens/verifier call, "
-                f"alpha_1 {k['alpha'][0] or 0:.3f} ({k['seconds']:.0f}s)")
+            log(f"{name} (draft temp {t:g}): {k['tokens_per_verifier_call']:.3f} tokens/verifier call "
+                f"[{k['tau_ci95'][0]:.2f}, {k['tau_ci95'][1]:.2f}], alpha_1 {k['alpha'][0] or 0:.3f} "
+                f"({k['seconds']:.0f}s)")
     windows = {}
     if args.windows:
         prov = vd.provenance(args.windows)
@@ -236,7 +274,7 @@ def run(args, log=print) -> dict:
             "validation": sum(1 for p in prompts if p["source"].startswith("validation"))}
     meta = {"verifier": args.verifier, "gamma": gamma, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
             "prompt_sources": ", ".join(f"{v} {k}" for k, v in srcs.items() if v), "notes": notes,
-            "draft_temperatures": temps}
+            "draft_temperatures": sorted({r["draft_temperature"] for r in rows})}
     plot_alpha(out / "alpha.png", rows, f"alpha_j by draft position (greedy verifier, gamma {gamma})")
     (out / "report.md").write_text(render(rows, windows, meta))
     result = {"meta": meta, "kernel": rows, "windows": windows}

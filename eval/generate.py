@@ -5,6 +5,8 @@
     python -m eval.generate --verifier PATH --method ar --prompt-ids 1,2,3
     python -m eval.generate --verifier PATH --drafter A --drafter B --method auto --prompt "def add(a, b):"
 
+Without --drafter, specdiff2 and auto take the drafter that the MANIFEST.json beside the verifier (assets/tiny/)
+records for --temperature (`specdiff_jax.assets.drafter_for_temperature`).
 Model paths are our model directories or Hugging Face directories (`load_pretrained`). Prompt text needs a
 tokenizer (--tokenizer, default: the verifier directory if it holds one). Bad input exits with status 2 and a
 one-line message.
@@ -27,8 +29,9 @@ class _Parser(argparse.ArgumentParser):
 def _parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="python -m eval.generate", description=__doc__.split("\n")[0])
     ap.add_argument("--verifier", required=True, help="verifier model directory (ours or Hugging Face)")
-    ap.add_argument("--drafter", action="append", help="drafter model directory (needed by sps, specdiff, "
-                    "specdiff2); --method auto takes it several times and picks one")
+    ap.add_argument("--drafter", action="append", help="drafter model directory (needed by sps and specdiff; "
+                    "specdiff2 and auto default to the drafter the verifier directory's MANIFEST.json records for "
+                    "--temperature); --method auto takes it several times and picks one")
     ap.add_argument("--method", required=True, choices=["ar", "sps", "specdiff", "specdiff2", "auto"],
                     help="auto: the method and settings with the highest predicted tokens/s on this machine "
                     "(measures a cost model and the drafters' acceptance on the prompt, cached on disk)")
@@ -59,6 +62,22 @@ def _fail(msg: str) -> None:
     sys.exit(2)
 
 
+def _manifest_drafters(args, verifier) -> list:
+    """No --drafter: the drafter the verifier directory's MANIFEST.json records for --temperature (auto: with the
+    AR drafter beside it); ar needs none."""
+    if args.method == "ar":
+        return []
+    from specdiff_jax import assets
+
+    adir = Path(args.verifier).resolve().parent
+    if args.method == "auto":
+        return assets.embedded_candidates(verifier, args.temperature, adir)
+    try:
+        return [assets.load_drafter(args.temperature, adir, dtype=args.dtype)]
+    except FileNotFoundError as e:
+        _fail(f"--method {args.method} without --drafter: {e}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     tok = None
@@ -75,8 +94,9 @@ def main(argv: list[str] | None = None) -> int:
             _fail(f"--prompt-ids {args.prompt_ids!r} must be comma-separated integers, e.g. 1,2,3")
         if not ids:
             _fail("--prompt-ids is empty: give at least one token id")
-    if args.drafter is None and args.method not in ("ar", "auto"):
-        _fail(f"--method {args.method} needs --drafter PATH (only --method ar runs without a drafter)")
+    if args.drafter is None and args.method not in ("ar", "auto", "specdiff2"):
+        _fail(f"--method {args.method} needs --drafter PATH (ar, and specdiff2 / auto beside a verifier whose "
+              "directory's MANIFEST.json records drafters by temperature, run without one)")
     if args.drafter and len(args.drafter) > 1 and args.method != "auto":
         _fail(f"--method {args.method} takes one --drafter (several are for --method auto)")
     for flag, path in [("--verifier", args.verifier)] + [("--drafter", d) for d in args.drafter or []]:
@@ -100,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             if not ids:
                 _fail("--prompt encodes to no tokens; give a non-empty prompt")
         verifier = load_pretrained(args.verifier, dtype=args.dtype)
-        drafters = [load_pretrained(d, dtype=args.dtype) for d in args.drafter or []]
+        drafters = [load_pretrained(d, dtype=args.dtype) for d in args.drafter or []] or \
+            _manifest_drafters(args, verifier)
         drafter = drafters if args.method == "auto" else (drafters[0] if drafters else None)
         dec = decode.Decoder(
             verifier, drafter, method=args.method, max_new_tokens=args.max_new_tokens,

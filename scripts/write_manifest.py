@@ -1,15 +1,16 @@
 """Copy trained exports into assets/tiny/ and record them in assets/tiny/MANIFEST.json (used by make_assets.sh).
 
     python scripts/write_manifest.py --stage base|calibrated [--runs runs] [--commands-file FILE]
-                                     [--kd kd_first|kd_window|auto --report runs/report/report.json]
-                                     [--streak-run drafter_ce_streak]
+                                     [--kd kd_first|kd_window|auto|keep --report runs/report/report.json]
+                                     [--serve 0=drafter_streak_t0 --serve 1=drafter_streak_t1]
 
 For each model: parameters, layout, validation loss (nats/token), training tokens and steps (from the export's
 metadata), and the commands that made it (from --commands-file, a JSON {asset: [commands]}, when given; otherwise
-the reproduction command of scripts/make_assets.sh). The calibrated stage ships the streak drafter and one KD
-drafter (`--streak-run`: the run under --runs whose export becomes assets/tiny/drafter_streak, the SpecDiff-2
-drafter; `--kd`; `auto` picks the one with more tokens per verifier call in the calibration report, whose table
-is then recorded in the manifest too).
+the reproduction command of scripts/make_assets.sh). The calibrated stage ships one SpecDiff-2 drafter per
+decoding temperature (`--serve T=RUN`: the export of RUN under --runs becomes assets/tiny/drafter_streak_t<T>, recorded
+with `serves_temperature` T, its calibration data and, from --report, its tau with the 95% bootstrap interval at
+draft temperature T) and one KD drafter (`--kd`; `auto` picks the one with more tokens per verifier call in the
+calibration report, whose table is then recorded in the manifest too; `keep` leaves the shipped one as it is).
 """
 
 from __future__ import annotations
@@ -28,9 +29,55 @@ STAGES = {
     "calibrated": {},  # drafter_streak from the run named by --streak-run, the KD drafter chosen by --kd
 }
 KD_ASSETS = ("drafter_kd_first", "drafter_kd_window")
+STALE = ("drafter_streak",)  # single-temperature SpecDiff-2 drafter, replaced by the per-temperature ones
+
+
+def parse_serve(items: list[str]) -> dict[float, str]:
+    """["0=drafter_streak_t0", ...] -> {0.0: "drafter_streak_t0", ...}."""
+    out = {}
+    for item in items:
+        t, sep, run = item.partition("=")
+        try:
+            out[float(t)] = run
+        except ValueError:
+            raise SystemExit(f"error: --serve {item!r} must be TEMPERATURE=RUN, e.g. 0=drafter_streak_t0") from None
+        if not sep or not run:
+            raise SystemExit(f"error: --serve {item!r} must be TEMPERATURE=RUN, e.g. 0=drafter_streak_t0")
+    return out
+
+
+def asset_name(t: float) -> str:
+    return f"drafter_streak_t{t:g}".replace(".", "p")
+
+
+def report_row(report: dict | None, name: str, t: float) -> dict | None:
+    """The report's kernel row of drafter `name` (its asset name without `drafter_`) at draft temperature t."""
+    for r in (report or {}).get("kernel", []):
+        if r["drafter"] == name and float(r["draft_temperature"]) == t:
+            return {"tau": r["tokens_per_verifier_call"], "tau_ci95": r.get("tau_ci95"), "draft_temperature": t,
+                    "prompts": r.get("prompts"), "gamma": r.get("gamma"), "verifier_temperature": 0.0,
+                    "alpha": r.get("alpha")}
+    return None
+
+
+def serving_fields(asset: str, t: float, calib: dict | None, report: dict | None) -> dict:
+    """Manifest fields of a per-temperature drafter: what it serves, what it was calibrated on, its measured tau."""
+    data = (calib or {}).get("data") or {}
+    sampling = None
+    if data.get("dataset"):
+        try:
+            from specdiff_jax.data import verifier_data as vd
+
+            sampling = vd.provenance(data["dataset"]).get("sampling")
+        except (FileNotFoundError, KeyError, ValueError, OSError):
+            sampling = None
+    return {"serves_temperature": t, "calibration_data": dict(data, sampling=sampling),
+            "calibration_report": report_row(report, asset.removeprefix("drafter_"), t)}
 
 
 def pick_kd(kd: str, report: dict | None) -> str:
+    if kd == "keep":
+        return ""
     if kd != "auto":
         return f"drafter_{kd}"
     if report is None:
@@ -47,9 +94,9 @@ def main() -> None:
     ap.add_argument("--stage", choices=list(STAGES), required=True)
     ap.add_argument("--runs", default="runs")
     ap.add_argument("--commands-file", default=None)
-    ap.add_argument("--streak-run", default="drafter_streak",
-                    help="run dir under --runs shipped as assets/tiny/drafter_streak (e.g. drafter_ce_streak)")
-    ap.add_argument("--kd", choices=["kd_first", "kd_window", "auto"], default="auto")
+    ap.add_argument("--serve", action="append", default=[], metavar="T=RUN",
+                    help="ship run dir RUN under --runs as assets/tiny/drafter_streak_t<T>, serving temperature T")
+    ap.add_argument("--kd", choices=["kd_first", "kd_window", "auto", "keep"], default="auto")
     ap.add_argument("--report", default=None, help="calibration report.json (eval/calibration_report.py)")
     args = ap.parse_args()
     report = json.loads(Path(args.report).read_text()) if args.report else None
@@ -57,14 +104,19 @@ def main() -> None:
     manifest_path = ASSETS / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
     stage = dict(STAGES[args.stage])
+    serve = parse_serve(args.serve)
     if args.stage == "calibrated":
         kd = pick_kd(args.kd, report)
-        stage[kd] = kd
-        stage["drafter_streak"] = args.streak_run
-        for other in KD_ASSETS:  # one KD drafter is shipped: remove the other's stale copy
-            if other != kd and (ASSETS / other).exists():
+        if kd:
+            stage[kd] = kd
+        else:
+            kd = next((k for k in KD_ASSETS if k in manifest["models"]), None)
+        stage.update({asset_name(t): run for t, run in serve.items()})
+        stale = [k for k in KD_ASSETS if k != kd] + (list(STALE) if serve else [])
+        for other in stale:  # one KD drafter is shipped; per-temperature drafters replace drafter_streak
+            if (ASSETS / other).exists():
                 shutil.rmtree(ASSETS / other)
-                manifest["models"].pop(other, None)
+            manifest["models"].pop(other, None)
         if report is not None:
             manifest["calibration_report"] = {"kernel": report["kernel"], "windows": report.get("windows"),
                                               "meta": report.get("meta"), "shipped_kd": kd}
@@ -87,6 +139,10 @@ def main() -> None:
             "calibration_eval": json.loads(calib.read_text()) if calib.exists() else None,
             "commands": commands.get(asset, [f"bash scripts/make_assets.sh  # {asset}"]),
         }
+        served = {asset_name(t): t for t in serve}
+        if asset in served:
+            manifest["models"][asset].update(serving_fields(asset, served[asset], manifest["models"][asset]
+                                                            ["calibration_eval"], report))
     manifest["tokenizer"] = {"path": str(ASSETS / "tokenizer.model"),
                              "commands": ["bash scripts/prepare_data.sh data"]}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")

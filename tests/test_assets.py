@@ -28,7 +28,7 @@ def test_assets_fit_the_budget():
 def test_every_manifest_model_loads_and_matches_its_record(manifest):
     tok = specdiff_jax.load_tokenizer(ASSETS)
     models = manifest["models"]
-    assert {"verifier", "drafter_base", "drafter_ar", "drafter_streak"} <= set(models)
+    assert {"verifier", "drafter_base", "drafter_ar", "drafter_streak_t0", "drafter_streak_t1"} <= set(models)
     assert any(k in models for k in ("drafter_kd_first", "drafter_kd_window"))
     on_disk = {p.name for p in ASSETS.iterdir() if p.is_dir()}
     assert on_disk == set(models), "every model directory is recorded in MANIFEST.json and vice versa"
@@ -42,6 +42,30 @@ def test_every_manifest_model_loads_and_matches_its_record(manifest):
             assert m.cfg.attention == "block_causal" and m.cfg.mask_token_id == tok.mask_id, name
         assert rec["commands"], name
         assert rec["val_loss_nats_per_token"] is not None and rec["training_tokens"] > 0, name
+
+
+def test_each_decoding_temperature_has_its_drafter_with_its_measured_tau(manifest):
+    """Every per-temperature drafter records the temperature it serves, what it was calibrated on and its tau on
+    the calibration report's held-out prompts (greedy verifier) with a 95% interval; the lookup used by the
+    benchmark, eval.generate and `auto` returns it for that temperature."""
+    from specdiff_jax import assets
+
+    served = {rec["serves_temperature"]: name for name, rec in manifest["models"].items()
+              if rec.get("serves_temperature") is not None}
+    assert set(served) >= {0.0, 1.0}, served
+    kernel = manifest["calibration_report"]["kernel"]
+    for t, name in served.items():
+        rec = manifest["models"][name]
+        assert assets.drafter_for_temperature(t, ASSETS) == ASSETS / name
+        assert rec["calibration_data"]["sampling"]["temperature"] == t, name  # data sampled at what it serves
+        rep = rec["calibration_report"]
+        assert rep["draft_temperature"] == t and rep["verifier_temperature"] == 0.0, name
+        lo, hi = rep["tau_ci95"]
+        assert 1.0 <= lo <= rep["tau"] <= hi <= rep["gamma"] + 1, name
+        row = next(r for r in kernel if r["drafter"] == name.removeprefix("drafter_") and r["draft_temperature"] == t)
+        assert rep["tau"] == pytest.approx(sum(row["row_tokens"]) / sum(row["row_verifier_calls"]), rel=1e-12)
+        assert rep["prompts"] == len(row["row_tokens"]) == manifest["calibration_report"]["meta"]["num_prompts"]
+        assert any("make_assets.sh" in c or "calibrate" in c for c in rec["commands"]), name
 
 
 def _reference_accepted_hist(verifier, drafter, prompts, *, gamma: int, max_new: int) -> list[int]:
@@ -94,7 +118,7 @@ def test_kernel_acceptance_equals_reference_drafting_on_the_embedded_models():
 
     tok = specdiff_jax.load_tokenizer(ASSETS)
     verifier = specdiff_jax.load_pretrained(ASSETS / "verifier")
-    drafter = specdiff_jax.load_pretrained(ASSETS / "drafter_streak")
+    drafter = specdiff_jax.load_pretrained(ASSETS / "drafter_streak_t0")
     problems = list(read_problems().values())
     prompts = [tok.encode(problems[i]["prompt"])[-120:] for i in (0, 53)]
     gamma, max_new = 16, 64

@@ -202,7 +202,7 @@ def shipped():
     verifier = load("verifier")
     ref, margin, _ = greedy_reference(verifier, prompts, N_SHIPPED, eos=verifier.cfg.eos_token_id)
     assert margin > 1e-4, f"a near tie in the reference ({margin:.1e}): pick other prompts"
-    return dict(prompts=prompts, ref=ref, verifier=verifier, streak=load("drafter_streak"), ar=load("drafter_ar"))
+    return dict(prompts=prompts, ref=ref, verifier=verifier, streak=load("drafter_streak_t0"), ar=load("drafter_ar"))
 
 
 SHIPPED_CASES = [

@@ -171,7 +171,7 @@ class BenchConfig:
     tokenizer: str = "assets/tiny"
     sps_drafter: str = "assets/tiny/drafter_ar"
     specdiff_drafter: str = "assets/tiny/drafter_base"
-    specdiff2_drafter: str = "assets/tiny/drafter_streak"
+    specdiff2_drafter: str = "by_temperature"  # or a path; see configs/defaults.yaml
     methods: tuple[str, ...] = ("ar", "sps", "specdiff", "specdiff2", "auto", "hf_generate", "hf_assisted")
     humaneval_prompts: int = 8
     validation_prompts: int = 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from specdiff_jax.assets import embedded_candidates
 from specdiff_jax.decode import core, planner
 from specdiff_jax.decode.core import GenerateOutput
 
@@ -10,8 +11,12 @@ class Decoder(core.Decoder):
     __doc__ = core.Decoder.__doc__
 
     def _resolve_auto(self, prompts) -> None:
-        """Ask the planner for the method and settings with the highest predicted tokens/s (docs/PLANNER.md)."""
+        """Ask the planner for the method and settings with the highest predicted tokens/s (docs/PLANNER.md).
+        Without named drafters the candidates are the embedded ones for this temperature (assets/tiny/MANIFEST.json)
+        when the verifier is the embedded verifier's architecture; otherwise only ar."""
         a = self._auto
+        if not a["candidates"]:  # none named: the embedded drafter serving this temperature, when it fits
+            a["candidates"] = embedded_candidates(self.verifier, self.temperature)
         plan = planner.plan(self.verifier, a["candidates"], prompts=a["plan_prompts"] or prompts, batch=len(prompts),
                             temperature=self.temperature, top_k=self.top_k, top_p=self.top_p,
                             max_new_tokens=self.max_new_tokens, eos_id=self.eos_id, cost_model=a["cost_model"],

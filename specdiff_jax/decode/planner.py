@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from specdiff_jax.assets import pick_for_temperature
 from specdiff_jax.decode import cost
 from specdiff_jax.decode.core import Decoder
 
@@ -120,12 +121,16 @@ def plan(verifier, candidates: list, *, prompts, temperature: float, top_k: int 
          max_new_tokens: int = 128, eos_id=None, cost_model: cost.CostModel | None = None,
          max_gamma: int = 16, adaptive: bool = False, batch: int | None = None) -> Plan:
     """Pick the method and settings for decoding batches of `batch` rows (default len(prompts)) with `verifier`
-    and one of `candidates` (drafters); acceptance is measured on the first PROFILE_PROMPTS `prompts`."""
+    and one of `candidates` (drafters); acceptance is measured on the first PROFILE_PROMPTS `prompts`. Of several
+    candidates of one kind, the one tagged as serving the temperature nearest to `temperature` is profiled
+    (`specdiff_jax.assets.tag`; untagged: the first)."""
     batch = batch or len(prompts)
     ctx = int(np.mean([len(p) for p in prompts])) + max_new_tokens // 2
-    kinds = {}
+    by_kind = {}
     for d in candidates:
-        kinds.setdefault(drafter_kind(d), d)
+        by_kind.setdefault(drafter_kind(d), []).append(d)
+    # one drafter per kind: the one calibrated for this temperature when candidates say so (assets.tag)
+    kinds = {k: pick_for_temperature(ds, temperature) for k, ds in by_kind.items()}
     cm = cost_model or cost.measure(verifier, kinds, batch=batch, ctx=ctx)
     profiles, models = [], []
     for kind, d in kinds.items():
