@@ -66,7 +66,8 @@ def decode_stats(verifier, drafter, prompts, *, method="specdiff2", temperature=
     from specdiff_jax.decode import Decoder
 
     dec = Decoder(verifier, drafter, method=method, temperature=temperature, **kw)
-    dec(prompts[:batch], seed=0)  # compile
+    for i in range(0, len(prompts), batch):  # compile every batch's shape (prompt buckets differ) before timing
+        dec(prompts[i: i + batch], seed=0)
     tokens = rounds = batch_rounds = 0
     hist, secs = None, 0.0
     for i in range(0, len(prompts), batch):
@@ -144,7 +145,8 @@ def fig6(v, drafter, prompts, s: dict, gamma: int) -> dict:
     for method, d in (("ar", None), ("specdiff2", drafter)):
         kw = dict(gamma=gamma, draft_temperature=0.0, acceptance="greedy") if d is not None else {}
         dec = Decoder(v, d, method=method, temperature=0.0, max_new_tokens=s["new"], **kw)
-        dec([prompts[0]])  # compile
+        for p in prompts[: s["budget_prompts"]]:  # compile every prompt's bucket before timing
+            dec([p])
         pre, dts, toks = [], [], 0
         for p in prompts[: s["budget_prompts"]]:
             t0 = time.perf_counter()
