@@ -440,9 +440,9 @@ def test_report_table_and_alpha_plot(tmp_path):
              "row_tokens": [4, 5], "row_verifier_calls": [2, 1]}]
     md = render(rows, {}, {"verifier": "v", "gamma": 4, "num_prompts": 3, "max_new_tokens": 8,
                            "prompt_sources": "3 humaneval"})
-    assert "| base | 0 | 2.000 | +0.0% | 1.000 | 0.500 | 0.200 | 0.200 | 0.200 | 0.1000 | 0.0333 |" in md
+    assert "| base | 0 | 2.000 | - | +0.0% | 1.000 | 0.500 | 0.200 | 0.200 | 0.200 | 0.1000 | 0.0333 |" in md
     # tau ratio over the resampled prompt pairs: (8/4)/2 = 1, (10/2)/2 = 2.5, (9/3)/2 = 1.5 -> [+0, +150]
-    assert ("| streak | 0 | 3.000 | +50.0% [+0, +150] | 2.000 | 0.600 | 0.500 | 0.500 | 0.400 | 0.3000 | 0.1520 |"
+    assert ("| streak | 0 | 3.000 | - | +50.0% [+0, +150] | 2.000 | 0.600 | 0.500 | 0.500 | 0.400 | 0.3000 | 0.1520 |"
             in md), md
     plot_alpha(tmp_path / "alpha.png", rows + [dict(rows[1], draft_temperature=1.0)], "test")
     assert (tmp_path / "alpha.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
