@@ -127,11 +127,10 @@ def measure(cfg, layers: tuple[int, int] = (2, 4), *, timeout: float | None = No
 
 
 def _main(argv) -> int:
-    from specdiff_jax.config.run import load_config
-    from specdiff_jax.dryrun import _NoTokenizer
+    from specdiff_jax.config.run import NoTokenizer, load_config
 
     path, layers = argv[0], [int(k) for k in argv[1].split(",")]
-    cfg = load_config(path, tokenizer=_NoTokenizer())
+    cfg = load_config(path, tokenizer=NoTokenizer())
     out = {}
     for k in layers:
         out[k] = compile_train_step(cfg.replace(model=dataclasses.replace(cfg.model, num_layers=k)))

@@ -44,7 +44,7 @@ from specdiff_jax.cache import KVCache
 from specdiff_jax.calibration import check_drafter
 from specdiff_jax.calibration.windows import step_tokens
 from specdiff_jax.config import ConfigError, ModelConfig
-from specdiff_jax.config.run import CONFIGS_DIR, RunConfig, load_config
+from specdiff_jax.config.run import CONFIGS_DIR, NoTokenizer, RunConfig, load_config
 from specdiff_jax.model import abstract_model
 
 GiB = 1024 ** 3
@@ -259,16 +259,9 @@ def verifier_config(cfg: RunConfig) -> ModelConfig | None:
         return None
     for cand in (CONFIGS_DIR / ref, Path(ref)):
         if cand.is_file():
-            return load_config(cand, tokenizer=_NoTokenizer()).model
+            return load_config(cand, tokenizer=NoTokenizer()).model
     raise ConfigError(f"pair.verifier_config={ref!r} was found neither under {CONFIGS_DIR} nor at that path; "
                       "point it at a run config such as models/qwen2.5-72b.yaml")
-
-
-class _NoTokenizer:
-    """Model keys left at `tokenizer` in a verifier config: a dry run reads no tokenizer files."""
-
-    def __getattr__(self, name):
-        raise ConfigError("pair.verifier_config must give vocab_size / eos / pad ids as numbers for a dry run")
 
 
 def train_report(cfg: RunConfig) -> Report:
@@ -424,7 +417,7 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", metavar="key=value")
     args = ap.parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, tokenizer=_NoTokenizer())
+        cfg = load_config(args.config, args.overrides, tokenizer=NoTokenizer())
         for mode in (("train", "decode") if args.mode == "both" else (args.mode,)):
             run(cfg, mode, compiled=compiled_layers(args.compiled_layers) if args.compiled else None)
             print()

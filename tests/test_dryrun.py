@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from specdiff_jax import dryrun, sharding as shd, training
-from specdiff_jax.config.run import load_config
+from specdiff_jax.config.run import NoTokenizer, load_config
 
 ROOT = Path(__file__).resolve().parent.parent
 PAIRS = sorted(p.stem for p in (ROOT / "configs" / "pairs").glob("*.yaml"))
@@ -21,7 +21,7 @@ PARAMS = {"qwen2.5-7b": 7.616e9, "qwen2.5-14b": 14.770e9, "qwen2.5-72b": 72.706e
 
 
 def _cfg(path, *overrides):
-    return load_config(ROOT / "configs" / path, list(overrides), tokenizer=dryrun._NoTokenizer())
+    return load_config(ROOT / "configs" / path, list(overrides), tokenizer=NoTokenizer())
 
 
 def _expected_param_bytes(m, n, tensor):

@@ -674,3 +674,10 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     from etils import epath  # the work dir may be remote (gs://...)
 
     epath.Path(path).write_text("# Resolved run configuration (written by specdiff_jax.config.run)\n" + to_yaml(cfg))
+
+
+class NoTokenizer:
+    """Model keys left at `tokenizer` in a config: a dry run or a compile-only child reads no tokenizer files."""
+
+    def __getattr__(self, name):
+        raise ConfigError("pair.verifier_config must give vocab_size / eos / pad ids as numbers for a dry run")
