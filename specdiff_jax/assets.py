@@ -49,22 +49,28 @@ def nearest_temperature(temperature: float, served) -> float:
 
 def drafter_for_temperature(temperature: float, assets_dir: str | Path = ASSETS_DIR) -> Path:
     """The directory of the manifest's drafter serving `temperature` (nearest recorded serves_temperature)."""
+    table = _served(temperature, assets_dir)
+    return table[nearest_temperature(temperature, table)]
+
+
+def _served(temperature: float, assets_dir) -> dict[float, Path]:
+    """The manifest's {serves_temperature: directory}, checked non-empty, for a valid `temperature`."""
     if temperature < 0:
         raise ConfigError(f"temperature {temperature!r} must be >= 0 (0 = greedy)")
     table = drafters_by_temperature(assets_dir)
     if not table:
         raise FileNotFoundError(f"{Path(assets_dir) / MANIFEST} records no drafter with {TAG}: rebuild the assets "
                                 "(bash scripts/make_assets.sh) or name the drafter explicitly")
-    return table[nearest_temperature(temperature, table)]
+    return table
 
 
 def load_drafter(temperature: float, assets_dir: str | Path = ASSETS_DIR, *, dtype: str | None = None):
     """Load the drafter serving `temperature`, tagged with the temperature it serves (`model.serves_temperature`)."""
     from specdiff_jax.hf_checkpoint import load_pretrained
 
-    path = drafter_for_temperature(temperature, assets_dir)
-    served = {v: k for k, v in drafters_by_temperature(assets_dir).items()}[path]
-    return tag(load_pretrained(path, dtype=dtype), served)
+    table = _served(temperature, assets_dir)
+    served = nearest_temperature(temperature, table)
+    return tag(load_pretrained(table[served], dtype=dtype), served)
 
 
 def tag(model, temperature: float):
