@@ -59,6 +59,9 @@ def parse_args(argv=None):
     p.add_argument("--gamma", type=int, default=0, help="draft length (0 = the drafters' block_size)")
     p.add_argument("--draft-temperature", type=float, action="append", default=[],
                    help="drafter temperature(s) in the kernel (repeatable; default 0 = argmax drafting)")
+    p.add_argument("--verifier-temperature", type=float, default=0.0,
+                   help="the verifier's sampling temperature (default 0: greedy, every drafter judged on the same "
+                   "tokens); T > 0 measures a drafter where it serves sampled decoding, on its own lossless samples")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--windows", default=None, help="verifier-completions dataset dir for held-out window stats")
     p.add_argument("--out", default="reports/calibration")
@@ -193,12 +196,17 @@ def _rel(r: dict, b: dict | None) -> str:
     return rel
 
 
+def _verifier_words(meta: dict) -> str:
+    t = meta.get("verifier_temperature", 0.0)
+    return "greedy verifier" if not t else f"verifier sampling at T={t:g}"
+
+
 def render(rows: list[dict], windows: dict, meta: dict) -> str:
     base = {r["draft_temperature"]: r for r in rows if r["drafter"] == "base"}
     G = meta["gamma"]
     mid = max(G // 2, 1)
     lines = [f"# Calibration report", "",
-             f"Verifier `{meta['verifier']}`, greedy, gamma {G}, {meta['num_prompts']} held-out prompts "
+             f"Verifier `{meta['verifier']}`, {_verifier_words(meta)}, gamma {G}, {meta['num_prompts']} held-out prompts "
              f"({meta['prompt_sources']}), {meta['max_new_tokens']} new tokens each.", "",
              "tau = tokens per verifier call, [its 95% bootstrap interval over prompts]; vs base: its change, with "
              "a 95% paired-bootstrap interval over prompts when per-prompt counts are known. alpha_j = P(accept j | "
@@ -250,7 +258,8 @@ def run(args, log=print) -> dict:
                 continue
             t0 = time.perf_counter()
             k = kernel_eval(verifier, d, ids, gamma=gamma, max_new_tokens=args.max_new_tokens,
-                            batch_size=args.batch_size, draft_temperature=t, eos_id=tok.eos_id)
+                            batch_size=args.batch_size, draft_temperature=t, eos_id=tok.eos_id,
+                            temperature=args.verifier_temperature, seed=args.seed)
             k.update(drafter=name, path=pairs[name], seconds=round(time.perf_counter() - t0, 2))
             k["tau_ci95"] = list(bootstrap_tau(k["row_tokens"], k["row_verifier_calls"]))
             rows.append(k)
@@ -272,10 +281,10 @@ def run(args, log=print) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     srcs = {"humaneval": sum(1 for p in prompts if not p["source"].startswith("validation")),
             "validation": sum(1 for p in prompts if p["source"].startswith("validation"))}
-    meta = {"verifier": args.verifier, "gamma": gamma, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
+    meta = {"verifier": args.verifier, "verifier_temperature": args.verifier_temperature, "gamma": gamma, "num_prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
             "prompt_sources": ", ".join(f"{v} {k}" for k, v in srcs.items() if v), "notes": notes,
             "draft_temperatures": sorted({r["draft_temperature"] for r in rows})}
-    plot_alpha(out / "alpha.png", rows, f"alpha_j by draft position (greedy verifier, gamma {gamma})")
+    plot_alpha(out / "alpha.png", rows, f"alpha_j by draft position ({_verifier_words(meta)}, gamma {gamma})")
     (out / "report.md").write_text(render(rows, windows, meta))
     result = {"meta": meta, "kernel": rows, "windows": windows}
     (out / "report.json").write_text(json.dumps(result, indent=2) + "\n")

@@ -78,9 +78,9 @@ def _manifest_drafters(args, verifier) -> list:
         _fail(f"--method {args.method} without --drafter: {e}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    tok = None
+def _check_args(args) -> list[int] | None:
+    """Validate the command line before anything heavy loads; the prompt ids of --prompt-ids, else None."""
+    ids = None
     if args.prompt is not None:
         try:
             args.prompt.encode("utf-8")
@@ -102,49 +102,44 @@ def main(argv: list[str] | None = None) -> int:
     for flag, path in [("--verifier", args.verifier)] + [("--drafter", d) for d in args.drafter or []]:
         if not Path(path).exists():
             _fail(f"{flag} {path!r} does not exist")
+    return ids
 
+
+def _tokenizer(args):
+    if args.prompt is None and args.tokenizer is None:
+        return None
+    from specdiff_jax.tokenizer import load_tokenizer
+
+    tpath = args.tokenizer or args.verifier
     try:
-        from specdiff_jax import decode
-        from specdiff_jax import load_pretrained
+        return load_tokenizer(tpath)
+    except Exception as e:  # noqa: BLE001 - one-line message for any tokenizer problem
+        _fail(f"cannot load a tokenizer from {tpath!r} ({e}); pass --tokenizer PATH or use --prompt-ids")
 
-        if args.prompt is not None or args.tokenizer is not None:
-            from specdiff_jax.tokenizer import load_tokenizer
 
-            tpath = args.tokenizer or args.verifier
-            try:
-                tok = load_tokenizer(tpath)
-            except Exception as e:  # noqa: BLE001 - one-line message for any tokenizer problem
-                _fail(f"cannot load a tokenizer from {tpath!r} ({e}); pass --tokenizer PATH or use --prompt-ids")
-        if args.prompt is not None:
-            ids = tok.encode(args.prompt)
-            if not ids:
-                _fail("--prompt encodes to no tokens; give a non-empty prompt")
-        verifier = load_pretrained(args.verifier, dtype=args.dtype)
-        drafters = [load_pretrained(d, dtype=args.dtype) for d in args.drafter or []] or \
-            _manifest_drafters(args, verifier)
-        drafter = drafters if args.method == "auto" else (drafters[0] if drafters else None)
-        dec = decode.Decoder(
-            verifier, drafter, method=args.method, max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, gamma=args.gamma,
-            num_drafts=args.num_drafts, denoise_steps=args.denoise_steps,
-            draft_temperature=args.draft_temperature, acceptance=args.acceptance, eos_id=args.eos_id,
-            adaptive_gamma=args.adaptive_gamma)
-        t0 = time.perf_counter()
-        out = dec([ids], seed=args.seed)  # first call includes compilation
-        t1 = time.perf_counter()
-        out = dec([ids], seed=args.seed)
-        t2 = time.perf_counter()
-    except (ValueError, FileNotFoundError, OSError) as e:
-        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+def _generate(args, ids: list[int]):
+    """Build the Decoder and decode twice (the first call compiles); (output, compile+run s, run s)."""
+    from specdiff_jax import decode
+    from specdiff_jax import load_pretrained
 
-    gen = out.rows()[0]
-    st = dict(out.stats)
-    st.update(compile_and_run_s=round(t1 - t0, 3), run_s=round(t2 - t1, 3),
-              tokens_per_s=round(len(gen) / max(t2 - t1, 1e-9), 2))
-    text = tok.decode(gen) if tok is not None else None
-    if args.json:
-        print(json.dumps({"prompt_ids": ids, "ids": gen, "text": text, "stats": st}))
-        return 0
+    verifier = load_pretrained(args.verifier, dtype=args.dtype)
+    drafters = [load_pretrained(d, dtype=args.dtype) for d in args.drafter or []] or \
+        _manifest_drafters(args, verifier)
+    drafter = drafters if args.method == "auto" else (drafters[0] if drafters else None)
+    dec = decode.Decoder(
+        verifier, drafter, method=args.method, max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, gamma=args.gamma,
+        num_drafts=args.num_drafts, denoise_steps=args.denoise_steps,
+        draft_temperature=args.draft_temperature, acceptance=args.acceptance, eos_id=args.eos_id,
+        adaptive_gamma=args.adaptive_gamma)
+    t0 = time.perf_counter()
+    dec([ids], seed=args.seed)  # first call includes compilation
+    t1 = time.perf_counter()
+    out = dec([ids], seed=args.seed)
+    return out, t1 - t0, time.perf_counter() - t1
+
+
+def _print_result(gen: list[int], text: str | None, st: dict) -> None:
     print(text if text is not None else " ".join(map(str, gen)))
     print("---")
     if "plan" in st:
@@ -159,6 +154,29 @@ def main(argv: list[str] | None = None) -> int:
         elif isinstance(v, list) and v and isinstance(v[0], float):
             v = [round(x, 3) for x in v]
         print(f"{k}: {v}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    ids = _check_args(args)
+    try:
+        tok = _tokenizer(args)
+        if args.prompt is not None:
+            ids = tok.encode(args.prompt)
+            if not ids:
+                _fail("--prompt encodes to no tokens; give a non-empty prompt")
+        out, compile_and_run, run = _generate(args, ids)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        _fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    gen = out.rows()[0]
+    st = dict(out.stats)
+    st.update(compile_and_run_s=round(compile_and_run, 3), run_s=round(run, 3),
+              tokens_per_s=round(len(gen) / max(run, 1e-9), 2))
+    text = tok.decode(gen) if tok is not None else None
+    if args.json:
+        print(json.dumps({"prompt_ids": ids, "ids": gen, "text": text, "stats": st}))
+        return 0
+    _print_result(gen, text, st)
     return 0
 
 

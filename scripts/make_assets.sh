@@ -57,7 +57,10 @@ done
     --drafter kd_first="$RUNS/drafter_kd_first/export@0" --drafter kd_window="$RUNS/drafter_kd_window/export@0" \
     --drafter streak_t0="$RUNS/drafter_streak_t0/export@0" --drafter streak_t1="$RUNS/drafter_streak_t1/export@1" \
     --draft-temperature 0 --draft-temperature 1
+# the T=1 drafter where it serves: the verifier sampling at T=1 (each drafter judged on its own lossless samples)
+"$PY" -m eval.calibration_report --out "$RUNS/report_served_t1" --verifier-temperature 1 --draft-temperature 1 \
+    --drafter base="$RUNS/drafter_base/export" --drafter streak_t1="$RUNS/drafter_streak_t1/export"
 "$PY" scripts/write_manifest.py --stage calibrated --runs "$RUNS" --kd "$KD" --report "$RUNS/report/report.json" \
-    --serve 0=drafter_streak_t0 --serve 1=drafter_streak_t1
+    --served-report "$RUNS/report_served_t1/report.json" --serve 0=drafter_streak_t0 --serve 1=drafter_streak_t1
 # the paper's findings on the shipped models (docs/REPRODUCTION.md and its plots)
 "$PY" -m eval.reproduction

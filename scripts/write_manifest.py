@@ -1,12 +1,12 @@
 """Copy trained exports into assets/tiny/ and record them in assets/tiny/MANIFEST.json (used by make_assets.sh).
 
-    python scripts/write_manifest.py --stage base|calibrated [--runs runs] [--commands-file FILE]
+    python scripts/write_manifest.py --stage base|calibrated|hashes [--runs runs] [--commands-file FILE]
                                      [--kd kd_first|kd_window|auto|keep --report runs/report/report.json]
                                      [--serve 0=drafter_streak_t0 --serve 1=drafter_streak_t1]
 
 For each model: parameters, layout, validation loss (nats/token), training tokens and steps (from the export's
 metadata), and the commands that made it (from --commands-file, a JSON {asset: [commands]}, when given; otherwise
-the reproduction command of scripts/make_assets.sh). The calibrated stage ships one SpecDiff-2 drafter per
+the reproduction command of scripts/make_assets.sh) and the sha256 of every file. The calibrated stage ships one SpecDiff-2 drafter per
 decoding temperature (`--serve T=RUN`: the export of RUN under --runs becomes assets/tiny/drafter_streak_t<T>, recorded
 with `serves_temperature` T, its calibration data and, from --report, its tau with the 95% bootstrap interval at
 draft temperature T) and one KD drafter (`--kd`; `auto` picks the one with more tokens per verifier call in the
@@ -16,6 +16,7 @@ calibration report, whose table is then recorded in the manifest too; `keep` lea
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import shutil
 from pathlib import Path
@@ -26,7 +27,8 @@ from specdiff_jax.config import ModelConfig
 ASSETS = Path("assets/tiny")
 STAGES = {
     "base": {"verifier": "verifier", "drafter_base": "drafter_base", "drafter_ar": "drafter_ar"},
-    "calibrated": {},  # drafter_streak from the run named by --streak-run, the KD drafter chosen by --kd
+    "calibrated": {},  # the per-temperature drafters named by --serve, the KD drafter chosen by --kd
+    "hashes": {},  # copy nothing: only refresh every model's file hashes
 }
 KD_ASSETS = ("drafter_kd_first", "drafter_kd_window")
 STALE = ("drafter_streak",)  # single-temperature SpecDiff-2 drafter, replaced by the per-temperature ones
@@ -55,13 +57,15 @@ def report_row(report: dict | None, name: str, t: float) -> dict | None:
     for r in (report or {}).get("kernel", []):
         if r["drafter"] == name and float(r["draft_temperature"]) == t:
             return {"tau": r["tokens_per_verifier_call"], "tau_ci95": r.get("tau_ci95"), "draft_temperature": t,
-                    "prompts": r.get("prompts"), "gamma": r.get("gamma"), "verifier_temperature": 0.0,
-                    "alpha": r.get("alpha")}
+                    "prompts": r.get("prompts"), "gamma": r.get("gamma"),
+                    "verifier_temperature": r.get("verifier_temperature", 0.0), "alpha": r.get("alpha")}
     return None
 
 
-def serving_fields(asset: str, t: float, calib: dict | None, report: dict | None) -> dict:
-    """Manifest fields of a per-temperature drafter: what it serves, what it was calibrated on, its measured tau."""
+def serving_fields(asset: str, t: float, calib: dict | None, report: dict | None,
+                   served: dict | None = None) -> dict:
+    """Manifest fields of a per-temperature drafter: what it serves, what it was calibrated on, its measured tau
+    (greedy verifier, `report`) and, for T > 0, its tau where it serves (verifier sampling at T, `served`)."""
     data = (calib or {}).get("data") or {}
     sampling = None
     if data.get("dataset"):
@@ -71,8 +75,17 @@ def serving_fields(asset: str, t: float, calib: dict | None, report: dict | None
             sampling = vd.provenance(data["dataset"]).get("sampling")
         except (FileNotFoundError, KeyError, ValueError, OSError):
             sampling = None
-    return {"serves_temperature": t, "calibration_data": dict(data, sampling=sampling),
-            "calibration_report": report_row(report, asset.removeprefix("drafter_"), t)}
+    out = {"serves_temperature": t, "calibration_data": dict(data, sampling=sampling),
+           "calibration_report": report_row(report, asset.removeprefix("drafter_"), t)}
+    if t > 0:
+        out["served_report"] = report_row(served, asset.removeprefix("drafter_"), t)
+    return out
+
+
+def file_hashes(model_dir: Path) -> dict[str, str]:
+    """sha256 of every file of a model directory, by path relative to it (what tests/test_assets.py checks)."""
+    return {str(p.relative_to(model_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(model_dir.rglob("*")) if p.is_file()}
 
 
 def pick_kd(kd: str, report: dict | None) -> str:
@@ -98,8 +111,11 @@ def main() -> None:
                     help="ship run dir RUN under --runs as assets/tiny/drafter_streak_t<T>, serving temperature T")
     ap.add_argument("--kd", choices=["kd_first", "kd_window", "auto", "keep"], default="auto")
     ap.add_argument("--report", default=None, help="calibration report.json (eval/calibration_report.py)")
+    ap.add_argument("--served-report", default=None, help="a calibration report.json measured with the verifier "
+                    "sampling at the served temperature (--verifier-temperature T): the tau of drafters serving T > 0")
     args = ap.parse_args()
     report = json.loads(Path(args.report).read_text()) if args.report else None
+    served_report = json.loads(Path(args.served_report).read_text()) if args.served_report else None
     commands = json.loads(Path(args.commands_file).read_text()) if args.commands_file else {}
     manifest_path = ASSETS / "MANIFEST.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {"models": {}}
@@ -142,8 +158,11 @@ def main() -> None:
         served = {asset_name(t): t for t in serve}
         if asset in served:
             manifest["models"][asset].update(serving_fields(asset, served[asset], manifest["models"][asset]
-                                                            ["calibration_eval"], report))
-    manifest["tokenizer"] = {"path": str(ASSETS / "tokenizer.model"),
+                                                            ["calibration_eval"], report, served_report))
+    for rec in manifest["models"].values():
+        rec["files"] = file_hashes(Path(rec["path"]))
+    tok = ASSETS / "tokenizer.model"
+    manifest["tokenizer"] = {"path": str(tok), "sha256": hashlib.sha256(tok.read_bytes()).hexdigest(),
                              "commands": ["bash scripts/prepare_data.sh data"]}
     manifest_path.write_text(json.dumps(manifest, indent=2) + "\n")
     print(f"wrote {manifest_path}: {', '.join(manifest['models'])}")

@@ -44,10 +44,26 @@ def test_every_manifest_model_loads_and_matches_its_record(manifest):
         assert rec["val_loss_nats_per_token"] is not None and rec["training_tokens"] > 0, name
 
 
+def test_every_shipped_file_matches_its_manifest_hash(manifest):
+    """MANIFEST.json records the sha256 of every file of every model (scripts/write_manifest.py): a model changed
+    or a file added or lost without re-recording fails here."""
+    import hashlib
+
+    for name, rec in manifest["models"].items():
+        d = ROOT / rec["path"]
+        on_disk = {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest()
+                   for p in d.rglob("*") if p.is_file()}
+        assert on_disk == rec["files"], f"{name}: files differ from MANIFEST.json (python scripts/" \
+                                        f"write_manifest.py --stage hashes re-records them)"
+    tok = manifest["tokenizer"]
+    assert hashlib.sha256((ROOT / tok["path"]).read_bytes()).hexdigest() == tok["sha256"]
+
+
 def test_each_decoding_temperature_has_its_drafter_with_its_measured_tau(manifest):
     """Every per-temperature drafter records the temperature it serves, what it was calibrated on and its tau on
-    the calibration report's held-out prompts (greedy verifier) with a 95% interval; the lookup used by the
-    benchmark, eval.generate and `auto` returns it for that temperature."""
+    the calibration report's held-out prompts (greedy verifier) with a 95% interval, and a drafter serving T > 0
+    its tau with the verifier sampling at T; the lookup used by the benchmark, eval.generate and `auto` returns it
+    for that temperature."""
     from specdiff_jax import assets
 
     served = {rec["serves_temperature"]: name for name, rec in manifest["models"].items()
@@ -66,6 +82,11 @@ def test_each_decoding_temperature_has_its_drafter_with_its_measured_tau(manifes
         assert rep["tau"] == pytest.approx(sum(row["row_tokens"]) / sum(row["row_verifier_calls"]), rel=1e-12)
         assert rep["prompts"] == len(row["row_tokens"]) == manifest["calibration_report"]["meta"]["num_prompts"]
         assert any("make_assets.sh" in c or "calibrate" in c for c in rec["commands"]), name
+        if t > 0:  # also measured where it serves: the verifier sampling at T
+            srv = rec["served_report"]
+            assert srv["verifier_temperature"] == t and srv["draft_temperature"] == t, name
+            lo, hi = srv["tau_ci95"]
+            assert 1.0 <= lo <= srv["tau"] <= hi <= srv["gamma"] + 1, name
 
 
 def _reference_accepted_hist(verifier, drafter, prompts, *, gamma: int, max_new: int) -> list[int]:

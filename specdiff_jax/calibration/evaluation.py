@@ -51,19 +51,21 @@ def window_stats(drafter, batches, s: Settings) -> dict:
 
 def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_new_tokens: int,
                 batch_size: int = 8, draft_temperature: float = 0.0, eos_id: int | None = None,
-                method: str = "specdiff", draft_window: int = 512) -> dict:
-    """Run the decode kernel greedily (verifier temperature 0) with `drafter` on `prompts` and aggregate its
-    statistics (`decode_statistics`). Greedy output equals the verifier's own greedy decoding, so every drafter is
-    judged on the same token sequences."""
+                method: str = "specdiff", draft_window: int = 512, temperature: float = 0.0,
+                seed: int = 0) -> dict:
+    """Run the decode kernel with `drafter` on `prompts` and aggregate its statistics (`decode_statistics`).
+    At verifier `temperature` 0 (the default) the output equals the verifier's own greedy decoding, so every
+    drafter is judged on the same token sequences; at T > 0 each drafter is judged on its own lossless samples
+    (batch i draws with seed `seed + i`)."""
     if not prompts:
         raise ValueError("kernel_eval: no prompts")
-    dec = Decoder(verifier, drafter, method=method, max_new_tokens=max_new_tokens, temperature=0.0, gamma=gamma,
+    dec = Decoder(verifier, drafter, method=method, max_new_tokens=max_new_tokens, temperature=temperature, gamma=gamma,
                   draft_temperature=draft_temperature, eos_id=eos_id, draft_window=draft_window)
     hist = np.zeros(gamma + 1, np.int64)
     acc = np.zeros(gamma, np.int64)
     row_tokens, row_rounds = [], []
     for i in range(0, len(prompts), batch_size):
-        out = dec(prompts[i: i + batch_size], seed=i)
+        out = dec(prompts[i: i + batch_size], seed=seed + i)
         st = out.stats
         hist += np.asarray(st["accepted_hist"], np.int64)
         acc += np.asarray(st["accept_counts"], np.int64)
@@ -71,7 +73,7 @@ def kernel_eval(verifier, drafter, prompts: list[list[int]], *, gamma: int, max_
         row_tokens += np.asarray(out.lengths)[:n].astype(int).tolist()
         row_rounds += [int(r) for r in st["row_verifier_calls"][:n]]
     return {**decode_statistics(hist, acc, row_tokens, row_rounds), "prompts": len(prompts), "gamma": gamma,
-            "draft_temperature": draft_temperature}
+            "draft_temperature": draft_temperature, "verifier_temperature": temperature}
 
 
 def decode_statistics(hist, accept_counts, row_tokens: list[int], row_rounds: list[int]) -> dict:
