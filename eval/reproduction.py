@@ -50,7 +50,12 @@ def parse_args(argv=None):
                    "8 and draft temperatures 0.5/1/2, denoising steps up to 8 (tens of minutes on one core)")
     p.add_argument("--gamma", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--only", default=None, metavar="NAME,...", help="re-measure only these findings (fig2, fig5, "
+                   "table3, fig9, fig6) and keep the others from --out/report.json")
     return p.parse_intermixed_args(argv)
+
+
+FINDINGS = ("fig2", "fig5", "table3", "fig9", "fig6")
 
 
 def plan_sizes(full: bool) -> dict:
@@ -61,8 +66,12 @@ def plan_sizes(full: bool) -> dict:
                 budget_prompts=4, budgets=[0.05, 0.1, 0.2, 0.4])
 
 
-def decode_stats(verifier, drafter, prompts, *, method="specdiff2", temperature=0.0, batch=8, **kw) -> dict:
-    """tau (tokens per verifier call), alpha_j, accept_rate and seconds per verifier round over `prompts`."""
+def decode_stats(verifier, drafter, prompts, *, method="specdiff2", temperature=0.0, batch=8, timing_passes=3,
+                 **kw) -> dict:
+    """tau (tokens per verifier call), alpha_j, accept_rate and ms per verifier round over `prompts`.
+
+    Every batch's shape is compiled first; each batch is then decoded `timing_passes` times with the same seed
+    (the same tokens) and its fastest pass is timed: on a shared machine other work only ever adds time."""
     from specdiff_jax.decode import Decoder
 
     dec = Decoder(verifier, drafter, method=method, temperature=temperature, **kw)
@@ -71,9 +80,12 @@ def decode_stats(verifier, drafter, prompts, *, method="specdiff2", temperature=
     tokens = rounds = batch_rounds = 0
     hist, secs = None, 0.0
     for i in range(0, len(prompts), batch):
-        t0 = time.perf_counter()
-        out = dec(prompts[i: i + batch], seed=1 + i)
-        secs += time.perf_counter() - t0
+        times = []
+        for _ in range(timing_passes):
+            t0 = time.perf_counter()
+            out = dec(prompts[i: i + batch], seed=1 + i)
+            times.append(time.perf_counter() - t0)
+        secs += min(times)
         st = out.stats
         tokens, batch_rounds = tokens + st["tokens"], batch_rounds + st["verifier_calls"]
         rounds += sum(st["row_verifier_calls"][: len(prompts[i: i + batch])])
@@ -89,7 +101,7 @@ def decode_stats(verifier, drafter, prompts, *, method="specdiff2", temperature=
 def fig2(v, drafters: dict, prompts, s: dict, gamma: int) -> dict:
     """alpha_j by position, greedy verifier, one argmax draft per round."""
     return {name: decode_stats(v, d, prompts, method="specdiff", gamma=gamma, max_new_tokens=s["new"],
-                               draft_temperature=0.0) for name, d in drafters.items()}
+                               draft_temperature=0.0) for name, d in drafters.items()}  # timed: table3 reuses it
 
 
 def fig5(v, drafter, prompts, s: dict, gamma: int) -> list[dict]:
@@ -98,7 +110,7 @@ def fig5(v, drafter, prompts, s: dict, gamma: int) -> list[dict]:
     for t in s["temps"]:
         for k in s["ks"]:
             r = decode_stats(v, drafter, prompts, temperature=1.0, gamma=gamma, max_new_tokens=s["new"],
-                             num_drafts=k, draft_temperature=t, acceptance="delta")
+                             num_drafts=k, draft_temperature=t, acceptance="delta", timing_passes=1)
             rows.append({"num_drafts": k, "draft_temperature": t, **r})
     return rows
 
@@ -149,12 +161,15 @@ def fig6(v, drafter, prompts, s: dict, gamma: int) -> dict:
             dec([p])
         pre, dts, toks = [], [], 0
         for p in prompts[: s["budget_prompts"]]:
-            t0 = time.perf_counter()
-            state = dec.prefill([p])
-            t1 = time.perf_counter()
-            o = dec.decode(state)
-            dts.append(time.perf_counter() - t1)
-            pre.append(t1 - t0)
+            best = (float("inf"), float("inf"))
+            for _ in range(3):  # the fastest of three passes: other work on a shared machine only adds time
+                t0 = time.perf_counter()
+                state = dec.prefill([p])
+                t1 = time.perf_counter()
+                o = dec.decode(state)
+                best = min(best, (time.perf_counter() - t1, t1 - t0))
+            dts.append(best[0])
+            pre.append(best[1])
             toks += o.stats["tokens"]
         rate = toks / sum(dts)
         out[method] = {"prefill_s": float(np.median(pre)), "tokens_per_s": rate,
@@ -385,20 +400,23 @@ def run(args, log=print) -> dict:
                             data_dir=args.data_dir, seed=args.seed)
     ps = heldout_prompts(pa, tok)
     ids = [p["ids"] for p in ps]
-    res = {}
+    res, only = _previous(args)
     steps = [("fig2", lambda: fig2(v, {k: d[k] for k in ("base", "kd", "streak")}, ids, s, args.gamma)),
              ("fig5", lambda: fig5(v, d["streak_t1"], ids, s, args.gamma)),
              ("table3", lambda: table3(v, d["base"], d["streak"], ids, s, args.gamma, known=res["fig2"])),
              ("fig9", lambda: fig9(v, d["streak"], ids, s, args.gamma)),
              ("fig6", lambda: fig6(v, d["streak"], ids, s, args.gamma))]
     for name, fn in steps:
+        if only is not None and name not in only:
+            continue
         t0 = time.perf_counter()
         res[name] = fn()
         log(f"{name}: {time.perf_counter() - t0:.0f}s")
     cmd = "python -m eval.reproduction" + (" --full" if args.full else "")
     if (args.out, args.doc) != ("docs/figures/reproduction", "docs/REPRODUCTION.md"):
         cmd += f" --out {args.out} --doc {args.doc}"
-    res["meta"] = {"command": cmd, "seconds": time.perf_counter() - t_start, "verifier": str(adir / "verifier"),
+    seconds = time.perf_counter() - t_start + (res.get("meta", {}).get("seconds", 0.0) if only else 0.0)
+    res["meta"] = {"command": cmd, "seconds": seconds, "verifier": str(adir / "verifier"),
                    "drafters": paths, "prompts": len(ps), "new_tokens": s["new"], "gamma": args.gamma,
                    "prompt_sources": f"{s['humaneval']} HumanEval, {s['prompts']} validation snippets",
                    "notes": notes, "sizes": s}
@@ -411,6 +429,25 @@ def run(args, log=print) -> dict:
     (out / "report.json").write_text(json.dumps(res, indent=2) + "\n")
     log(f"wrote {doc}, {out / 'report.json'} and {len(res['meta']['plots'])} plots in {out}")
     return res
+
+
+def _previous(args) -> tuple[dict, set | None]:
+    """(the findings kept from --out/report.json, the names to re-measure) for --only; ({}, None) without it."""
+    if not args.only:
+        return {}, None
+    names = set(args.only.split(","))
+    bad = names - set(FINDINGS)
+    if bad:
+        raise ValueError(f"--only {args.only!r}: unknown finding(s) {sorted(bad)}; choose from {', '.join(FINDINGS)}")
+    path = Path(args.out) / "report.json"
+    if not path.exists():
+        raise FileNotFoundError(f"--only needs the full report {path} (run python -m eval.reproduction once)")
+    prev = json.loads(path.read_text())
+    if prev.get("meta", {}).get("sizes") != plan_sizes(args.full):
+        raise ValueError(f"--only: {path} was measured with other sizes (--full differs); re-run the whole report")
+    if "table3" in names and "fig2" not in names:
+        names.add("fig2")  # table3's single-draft rows are fig2's, timed in the same run
+    return {k: v for k, v in prev.items() if k in FINDINGS and k not in names} | {"meta": prev["meta"]}, names
 
 
 def main(argv=None) -> int:

@@ -54,3 +54,27 @@ def test_table3_sentence_names_what_helps():
     assert rp._table3_sentence(0.3, 0.1).startswith("Both components help")
     assert rp._table3_sentence(-0.2, -0.7).startswith("Neither component raises speed here")
     assert rp._table3_sentence(0.2, -0.7).startswith("Only streak distillation helps here")
+
+
+def test_only_remeasures_the_named_findings_and_keeps_the_rest(tmp_path):
+    import argparse
+    import json
+
+    import pytest
+
+    res = _result(_fig2(0.3, 0.4, 0.8))
+    res["meta"]["sizes"] = rp.plan_sizes(False)
+    (tmp_path / "report.json").write_text(json.dumps(res))
+    args = argparse.Namespace(only="fig9", out=str(tmp_path), full=False)
+    kept, names = rp._previous(args)
+    assert names == {"fig9"} and set(kept) == {"fig2", "fig5", "table3", "fig6", "meta"}
+    assert kept["fig6"] == res["fig6"]
+    _, names = rp._previous(argparse.Namespace(only="table3", out=str(tmp_path), full=False))
+    assert names == {"table3", "fig2"}  # table3's single-draft rows are fig2's, timed in the same run
+    assert rp._previous(argparse.Namespace(only=None, out=str(tmp_path), full=False)) == ({}, None)
+    with pytest.raises(ValueError, match="unknown finding"):
+        rp._previous(argparse.Namespace(only="fig7", out=str(tmp_path), full=False))
+    with pytest.raises(ValueError, match="other sizes"):
+        rp._previous(argparse.Namespace(only="fig9", out=str(tmp_path), full=True))
+    with pytest.raises(FileNotFoundError, match="--only needs"):
+        rp._previous(argparse.Namespace(only="fig9", out=str(tmp_path / "none"), full=False))
