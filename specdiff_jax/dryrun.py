@@ -5,6 +5,7 @@
     python -m eval.benchmark  --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run  # decoding
     python -m specdiff_jax.dryrun --config FILE [--mode train|decode] [key=value ...]
     python -m train.pretrain  --config configs/models/qwen2.5-7b.yaml --dry-run --compiled  # + XLA's own figure
+    python -m train.generate_data --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run --compiled
 
 With `mesh.num_devices = N > 0` the mesh is an `AbstractMesh` of N devices (no device needed: a 256-device pod is
 planned on a laptop); with 0 it is the real devices'. Per device it reports parameters, optimizer state, gradients,
@@ -17,9 +18,11 @@ the same shapes, stated in `activation_bytes`): activations, which XLA decides; 
 train.remat and train.vocab_chunk, the decode estimate is the largest single forward of a round (prefill, drafter,
 verifier).
 
-Measured (`--compiled`, training): the real train step compiled for the mesh on fake CPU devices at two small
-layer counts and extrapolated linearly to the full depth (specdiff_jax.compiled_memory); XLA's per-device figure
-is printed beside the estimate, a gap over 20% is flagged, and the fit check uses the compiled figure. On CPU, XLA
+Measured (`--compiled`): the real train step, or the decode kernels (the jitted prefill and the draft-verify
+loop, as sharded decoding jits them), compiled for the mesh on fake CPU devices at two small layer counts and
+extrapolated linearly to the full depth (specdiff_jax.compiled_memory); XLA's per-device figure (decoding: the
+peak of the two kernels, every parameter resident) is printed beside the estimate, a gap over 20% is flagged, and
+the fit check uses the compiled figure. On CPU, XLA
 computes bf16 matmuls in f32 and may keep f32 copies that a TPU would not.
 """
 
@@ -43,6 +46,7 @@ from specdiff_jax import training
 from specdiff_jax.cache import KVCache
 from specdiff_jax.calibration import check_drafter
 from specdiff_jax.calibration.windows import step_tokens
+from specdiff_jax.compiled_memory import DecodePlan
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.config.run import CONFIGS_DIR, NoTokenizer, RunConfig, load_config
 from specdiff_jax.model import abstract_model
@@ -112,11 +116,22 @@ class Report:
         gap = self.gap
         flag = "GAP OVER 20%" if abs(gap) > MAX_GAP else "within 20%"
         b, n = c.bytes, math.prod(self.mesh.values())
-        return [f"| **XLA compiled** | **{c.total / GiB:.2f}** | train step compiled on {n} "
-                f"fake CPU devices at {c.layers[0]} and {c.layers[1]} layers, extrapolated linearly to the full "
-                f"depth (arguments {b['argument'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
-                f"{(b['output'] - b['alias']) / GiB:.2f}; {c.seconds:.0f} s); the estimate is {gap:+.0%} off it: "
-                f"{flag}. On CPU XLA computes bf16 matmuls in f32 and may keep f32 copies a TPU would not |"]
+        tail = (f"({c.seconds:.0f} s); the estimate is {gap:+.0%} off it: {flag}. On CPU XLA computes bf16 matmuls "
+                "in f32 and may keep f32 copies a TPU would not |")
+        if c.kernels is None:
+            return [f"| **XLA compiled** | **{c.total / GiB:.2f}** | train step compiled on {n} "
+                    f"fake CPU devices at {c.layers[0]} and {c.layers[1]} layers, extrapolated linearly to the full "
+                    f"depth (arguments {b['argument'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
+                    f"{(b['output'] - b['alias']) / GiB:.2f}; " + tail]
+        a, z = c.layers
+        at = f"{a} and {z} verifier layers" if len(c.measured) == 2 else \
+            f"({a}, {a}), ({z}, {a}) and ({a}, {z}) (verifier, drafter) layers"
+        others = "; ".join(f"{k} {v['total'] / GiB:.2f}" for k, v in c.kernels.items() if k != c.peak)
+        return [f"| **XLA compiled** | **{c.total / GiB:.2f}** | prefill and decode loop compiled on {n} fake CPU "
+                f"devices at {at}, extrapolated linearly to the full depth; peak: {c.peak} (parameters "
+                f"{b['parameters'] / GiB:.2f} + KV caches and other inputs {b['inputs'] / GiB:.2f} + temp "
+                f"{b['temp'] / GiB:.2f} + unaliased outputs {(b['output'] - b['alias']) / GiB:.2f}); {others}; "
+                + tail]
 
     def table(self) -> str:
         ms = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
@@ -309,22 +324,36 @@ def train_report(cfg: RunConfig) -> Report:
                   _budget(cfg, mesh, abstract))
 
 
-def decode_report(cfg: RunConfig) -> Report:
-    """Per-device memory of speculative decoding with the pair of `cfg` (model = drafter, pair.verifier_config =
-    verifier); without a pair section, autoregressive decoding of `cfg.model`."""
-    mesh, abstract = resolve_mesh(cfg)
-    rules = cfg.mesh.logical_axis_rules
+def decode_plan(cfg: RunConfig, sampling: dict | None = None) -> DecodePlan:
+    """What the decode dry run of `cfg` plans: the pair (model = drafter, pair.verifier_config = verifier;
+    speculative decoding with pair.num_drafts drafts of pair.gamma tokens) or, without a verifier config, `ar`
+    decoding of `cfg.model`; pair.batch_size rows of pair.prompt_tokens + max_new_tokens. sampling: the verifier's
+    temperature / top_k / top_p (default temperature 1, no filters)."""
     p = cfg.pair
     v = verifier_config(cfg)
     d = cfg.model if v is not None else None
     v = v or cfg.model
-    B, P, N = p.batch_size, p.prompt_tokens, p.max_new_tokens
     G, K = (p.gamma, p.num_drafts) if d is not None else (0, 1)
-    cap = P + N + G
+    plan = DecodePlan(v, d, batch=p.batch_size, prompt_tokens=p.prompt_tokens, max_new_tokens=p.max_new_tokens,
+                      gamma=G, num_drafts=K, draft_window=p.draft_window, **(sampling or {}))
+    cap = plan.prompt_tokens + plan.max_new_tokens + G
     for who, mc in (("verifier", v), ("drafter", d)):
         if mc is not None and cap > mc.max_seq_len and (who == "verifier" or mc.attention != "bidirectional"):
             raise ConfigError(f"pair: prompt_tokens + max_new_tokens + gamma = {cap} exceeds the {who}'s "
                               f"max_seq_len={mc.max_seq_len}; lower pair.prompt_tokens / max_new_tokens")
+    return plan
+
+
+def decode_report(cfg: RunConfig, sampling: dict | None = None) -> Report:
+    """Per-device memory of speculative decoding with the pair of `cfg` (model = drafter, pair.verifier_config =
+    verifier); without a pair section, autoregressive decoding of `cfg.model` (`decode_plan`)."""
+    mesh, abstract = resolve_mesh(cfg)
+    rules = cfg.mesh.logical_axis_rules
+    plan = decode_plan(cfg, sampling)
+    v, d = plan.verifier, plan.drafter
+    B, P, N = plan.batch, plan.prompt_tokens, plan.max_new_tokens
+    G, K = plan.gamma, plan.num_drafts
+    cap = P + N + G
     rows, groups = [], []
     v_state = nnx.state(abstract_model(v))
     rows.append(("verifier parameters", _params_row(v_state, mesh, rules), f"{v.param_dtype}, frozen"))
@@ -345,7 +374,7 @@ def decode_report(cfg: RunConfig) -> Report:
         rows.append(("drafter parameters", _params_row(d_state, mesh, rules), f"{d.param_dtype}, frozen"))
         groups += [("drafter." + g, *rest) for g, *rest in _groups(d_state, mesh, rules)]
         if d.attention == "bidirectional":  # re-encodes a window each round: no cache
-            W = max(1, min(p.draft_window, P + N, d.max_seq_len - G))
+            W = max(1, min(plan.draft_window, P + N, d.max_seq_len - G))
             acts.append(("draft", activation_bytes(d, mesh, rules, rows=B * K, tokens=W + G, backward=False,
                                                    logits_tokens=G)))
         else:
@@ -372,25 +401,29 @@ def check(report: Report) -> None:
             "prompt_tokens), or bf16 parameters (model.param_dtype=bfloat16)")
 
 
-def run(cfg: RunConfig, mode: str, *, out=print, compiled: tuple[int, int] | None = None) -> Report:
+def run(cfg: RunConfig, mode: str, *, out=print, compiled: tuple[int, int] | None = None,
+        sampling: dict | None = None) -> Report:
     """Print the dry-run table of `mode` (train | decode) and raise DoesNotFit if it does not fit.
 
-    compiled: two small layer counts: also compile the train step at those depths on fake CPU devices and report
-    XLA's figure, extrapolated to the full depth, beside the estimate (compiled_memory.measure; the fit check
-    then uses it)."""
-    with _fast_abstract_init():
-        report = train_report(cfg) if mode == "train" else decode_report(cfg)
-    if compiled is not None and mode == "train":
-        from specdiff_jax.compiled_memory import measure
+    compiled: two small layer counts: also compile the train step (decode: the prefill and the decode loop) at
+    those depths on fake CPU devices and report XLA's figure, extrapolated to the full depth, beside the estimate
+    (compiled_memory.measure / measure_decode; the fit check then uses it). sampling: the decode plan's verifier
+    temperature / top_k / top_p (`decode_plan`)."""
+    from specdiff_jax import compiled_memory
 
-        report.compiled = measure(cfg, compiled)
+    with _fast_abstract_init():
+        report = train_report(cfg) if mode == "train" else decode_report(cfg, sampling)
+    if compiled is not None:
+        report.compiled = (compiled_memory.measure(cfg, compiled) if mode == "train" else
+                           compiled_memory.measure_decode(cfg, decode_plan(cfg, sampling), compiled))
     out(report.table())
     check(report)
     return report
 
 
-COMPILED_HELP = ("also compile the train step on fake CPU devices at two small layer counts (default 2,4) and "
-                 "report XLA's per-device figure, extrapolated to the full depth, beside the estimate")
+COMPILED_HELP = ("also compile the train step (decoding: the prefill and the decode loop) on fake CPU devices at "
+                 "two small layer counts (default 2,4) and report XLA's per-device figure, extrapolated to the full "
+                 "depth, beside the estimate")
 
 
 def compiled_layers(arg: str | None) -> tuple[int, int] | None:
