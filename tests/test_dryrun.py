@@ -163,3 +163,79 @@ def test_compiled_figure_is_extrapolated_over_layers_and_printed_beside_the_esti
     r.budget = r.compiled.total - 1
     with pytest.raises(dryrun.DoesNotFit, match="needs"):
         dryrun.check(r)
+
+
+_TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_heads=4", "model.num_kv_heads=2",
+         "model.head_dim=8", "model.intermediate_size=64", "model.max_seq_len=128", "model.eos_token_id=1",
+         "model.pad_token_id=0", "data.seq_len=32", "mesh.data=1", "mesh.fsdp=-1", "mesh.num_devices=2", "pair.batch_size=2",
+         "pair.prompt_tokens=16", "pair.max_new_tokens=8", "pair.gamma=4", "pair.num_drafts=2",
+         "pair.draft_window=8"]
+
+
+@pytest.mark.multidevice
+def test_compiled_decode_figure_is_extrapolated_over_layers_and_printed_beside_the_estimate():
+    """`--compiled` in decode mode: XLA's per-device figures of the real prefill and decode loop (`ar` decoding of
+    a 4-layer model on 2 fake CPU devices), compiled at 2 and 3 layers and extrapolated to 4, equal the 4-layer
+    compile (a 1-layer prefill is not on the line: its only layer is the last, whose MLP output nothing reads); the
+    table prints the compiled line beside the estimate and the fit check uses it."""
+    from specdiff_jax.compiled_memory import measure_decode
+
+    cfg = load_config(None, _TINY + ["model.num_layers=4"], tokenizer=NoTokenizer())
+    lines = []
+    r = dryrun.run(cfg, "decode", out=lines.append, compiled=(2, 3))
+    plan = dryrun.decode_plan(cfg)
+    full = measure_decode(cfg, plan, (3, 4)).measured["4,0"]
+    assert set(r.compiled.kernels) == {"prefill", "decode"} and r.compiled.total > 0
+    for k, b in r.compiled.kernels.items():
+        assert b["total"] == pytest.approx(full[k]["total"], rel=0.02), (k, r.compiled.measured, full)
+        assert b["parameters"] == _row(r, "verifier parameters")  # every parameter resident, exact
+        assert b["total"] == b["parameters"] + b["inputs"] + b["output"] - b["alias"] + b["temp"]
+    assert r.compiled.kernels["prefill"]["argument"] < r.compiled.kernels["prefill"]["parameters"]  # XLA drops some
+    assert r.total == r.compiled.total == max(b["total"] for b in r.compiled.kernels.values())
+    assert "| **XLA compiled** |" in lines[0] and "prefill and decode loop compiled on 2 fake CPU" in lines[0]
+    r.budget = r.compiled.total - 1
+    with pytest.raises(dryrun.DoesNotFit, match="needs"):
+        dryrun.check(r)
+
+
+_PAIR = """
+import json, os, sys
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+from specdiff_jax.compiled_memory import DecodePlan, compile_decode
+from specdiff_jax.config.run import NoTokenizer, load_config
+cfg = load_config(sys.argv[1], tokenizer=NoTokenizer())
+plan = DecodePlan.from_dict(json.loads(sys.argv[2]))
+print(json.dumps({f"{v},{d}": compile_decode(cfg, plan.with_layers(v, d)) for v, d in ((2, 2), (3, 2), (2, 3), (4, 4))}))
+"""
+
+
+@pytest.mark.multidevice
+def test_compiled_decode_figure_of_a_pair_is_linear_in_both_depths(tmp_path):
+    """A bidirectional drafter + verifier pair: the figures compiled at (2, 2), (3, 2) and (2, 3) (verifier,
+    drafter) layers predict the (4, 4) compile, kernel by kernel."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from specdiff_jax.compiled_memory import extrapolate_pair
+    from specdiff_jax.config.run import save_config
+
+    (tmp_path / "verifier.yaml").write_text("model:\n  num_layers: 4\n  vocab_size: 256\n  hidden_size: 32\n"
+                                            "  num_heads: 4\n  num_kv_heads: 2\n  head_dim: 8\n  intermediate_size: 96\n"
+                                            "  max_seq_len: 512\n  eos_token_id: 1\n  pad_token_id: 0\n")
+    cfg = load_config(None, _TINY + ["model.num_layers=4", "model.attention=bidirectional", "model.logit_shift=true",
+                                     "model.mask_token_id=3", "train.objective=calibrate",
+                                     f"pair.verifier_config={tmp_path / 'verifier.yaml'}"], tokenizer=NoTokenizer())
+    plan = dryrun.decode_plan(cfg)
+    assert plan.drafter.attention == "bidirectional" and plan.verifier.intermediate_size == 96
+    save_config(cfg, tmp_path / "run.yaml")
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-c", _PAIR, str(tmp_path / "run.yaml"), json.dumps(plan.to_dict())],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    m = json.loads(proc.stdout.strip().splitlines()[-1])
+    for k in ("prefill", "decode"):
+        got = extrapolate_pair(m["2,2"][k], m["3,2"][k], m["2,3"][k], (2, 3), (4, 4))
+        assert m["2,2"][k]["total"] < got["total"]
+        assert got["total"] == pytest.approx(m["4,4"][k]["total"], rel=0.02), (k, got, m["4,4"][k])
