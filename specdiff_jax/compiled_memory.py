@@ -19,8 +19,13 @@ decoding jits them. Its per-device figure for each kernel counts every parameter
 Decoder holds them while either kernel runs). A pair's figure is linear in the verifier's and in the drafter's
 depth: `measure_decode` compiles three (verifier, drafter) layer counts and extrapolates in both.
 
-On CPU, XLA computes bf16 matmuls in f32 and may keep f32 copies of bf16 arrays that a TPU would not: for a
-bf16 model the compiled figure is an upper estimate of the accelerator's.
+On CPU, XLA computes bf16 matmuls in f32 and keeps f32 copies of bf16 arrays that a TPU would not: for a bf16
+model the compiled figure is an upper estimate of the accelerator's. Each bf16 compile is therefore dumped and
+read back (`specdiff_jax.cpu_widening`): `live` is the peak of its live buffers and `tpu` the same peak with every
+value counted at a TPU's size (f32 copies of bf16 weights not at all, f32 values the program holds in bf16 at
+half), both with the parameters XLA dropped from a kernel's arguments added back and extrapolated like the rest.
+`Compiled.tpu` is then an estimate of the accelerator's figure; `widening` (live - tpu) and `packing` (XLA's
+figure - live: the CPU heap's layout on top of the live buffers) say where the rest of the CPU figure goes.
 """
 
 from __future__ import annotations
@@ -58,7 +63,8 @@ def _objective(cfg):
     s = Settings(loss=c.loss, gamma=c.gamma or m.block_size, stride=c.stride,
                  windows=num_windows(cfg.data.seq_len, c.stride), windows_per_row=c.windows_per_row,
                  temperature=c.temperature, mdlm_t_min=cfg.train.mdlm_t_min, num_sampleable=m.num_sampleable,
-                 mask_id=m.mask_token_id)
+                 mask_id=m.mask_token_id, draft_window=c.draft_window, pad_id=m.pad_token_id or 0,
+                 vocab_chunk=cfg.train.vocab_chunk)
     return make_objective(s)
 
 
@@ -84,10 +90,24 @@ def compile_train_step(cfg, devices=None) -> Bytes:
     if prog.frozen_sh is not None:  # LoRA: the frozen base is an input of the step
         frozen = _abstract(nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param)))
     lowered = prog.train_step.lower(_abstract(prog.shapes), {"tokens": tokens, "segment_ids": tokens}, frozen)
-    ma = lowered.compile().memory_analysis()
+    compiled, live = _compile(lowered, cfg.model.dtype == "bfloat16")
+    ma = compiled.memory_analysis()
     out = {f: int(getattr(ma, f"{f}_size_in_bytes")) for f in FIELDS}
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
+    out["live"], out["tpu"] = (live["peak"], live["peak_tpu"]) if live else (out["total"], out["total"])
     return out
+
+
+def _compile(lowered, bf16: bool):
+    """(the compiled program, its peak of live bytes as compiled and at a TPU's sizes: `cpu_widening.widening`;
+    None for a program without bf16 compute)."""
+    if not bf16:
+        return lowered.compile(), None
+    from specdiff_jax.cpu_widening import widening
+
+    with tempfile.TemporaryDirectory() as d:
+        compiled = lowered.compile(compiler_options={"xla_dump_to": d})
+        return compiled, widening(d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,14 +166,18 @@ def _device_bytes(tree) -> int:
                for x in jax.tree.leaves(tree) if not jax.dtypes.issubdtype(x.dtype, jax.dtypes.extended))
 
 
-def _kernel_bytes(compiled, params: int, inputs: int) -> Bytes:
-    """argument/output/alias/temp of a compiled kernel, plus the resident parameters (every parameter of both
+def _kernel_bytes(lowered, bf16: bool, params: int, inputs: int) -> Bytes:
+    """argument/output/alias/temp of a kernel, compiled, plus the resident parameters (every parameter of both
     models: XLA drops the ones a kernel never reads from its arguments) and the other inputs; total = parameters +
-    inputs + output - alias + temp, what a device holds while the kernel runs."""
+    inputs + output - alias + temp, what a device holds while the kernel runs; live / tpu: `_compile`'s peaks plus the
+    parameters XLA dropped from the arguments."""
+    compiled, live = _compile(lowered, bf16)
     ma = compiled.memory_analysis()
     out = {f: int(getattr(ma, f"{f}_size_in_bytes")) for f in FIELDS}
     out.update(parameters=params, inputs=inputs)
     out["total"] = params + inputs + out["output"] - out["alias"] + out["temp"]
+    dropped = params + inputs - out["argument"]
+    out["live"], out["tpu"] = (live["peak"] + dropped, live["peak_tpu"] + dropped) if live else (out["total"],) * 2
     return out
 
 
@@ -185,12 +209,13 @@ def compile_decode(cfg, plan: DecodePlan, devices=None) -> dict[str, Bytes]:
     rep = shd.replicated(mesh)
     i32 = lambda *shape: jax.ShapeDtypeStruct(shape, np.int32, sharding=rep)  # noqa: E731
     prompt = (i32(spec.batch, spec.bucket), i32(spec.batch), i32(), jax.ShapeDtypeStruct((), np.float32, sharding=rep))
+    bf16 = "bfloat16" in (plan.verifier.dtype, getattr(plan.drafter, "dtype", None))
     lowered = pre.lower(vstate, dstate, *prompt)
-    out = {"prefill": _kernel_bytes(lowered.compile(), params, _device_bytes(prompt))}
+    out = {"prefill": _kernel_bytes(lowered, bf16, params, _device_bytes(prompt))}
     carry = lowered.out_info
     key = jax.eval_shape(lambda: jax.random.key(0))
     key = jax.ShapeDtypeStruct(key.shape, key.dtype, sharding=rep)
-    out["decode"] = _kernel_bytes(loop.lower(vstate, dstate, carry, key).compile(), params, _device_bytes(carry))
+    out["decode"] = _kernel_bytes(loop.lower(vstate, dstate, carry, key), bf16, params, _device_bytes(carry))
     return out
 
 
@@ -199,7 +224,7 @@ class Compiled:
     """XLA's per-device figures extrapolated to the model's depth from two compiled layer counts (decoding: the
     peak of the prefill and the decode loop, both in `kernels`)."""
 
-    bytes: Bytes  # at full depth (extrapolated): argument, output, alias, temp, total
+    bytes: Bytes  # at full depth (extrapolated): argument, output, alias, temp, total, live, tpu
     layers: tuple[int, int]
     measured: dict  # per compiled layer count (decoding: per "verifier,drafter" layer counts, each per kernel)
     seconds: float  # wall time of the child (startup + every compile)
@@ -208,6 +233,22 @@ class Compiled:
     @property
     def total(self) -> int:
         return self.bytes["total"]
+
+    @property
+    def tpu(self) -> int:
+        """The peak of live buffers with every value at the size a TPU holds it (`cpu_widening`): an estimate of the
+        accelerator's figure (= total for a program without bf16 compute)."""
+        return self.bytes.get("tpu", self.total)
+
+    @property
+    def widening(self) -> int:
+        """Bytes of the CPU's f32 widening of bf16 values at the peak of live buffers (0 without bf16 compute)."""
+        return self.bytes.get("live", self.total) - self.tpu
+
+    @property
+    def packing(self) -> int:
+        """XLA's figure beyond the peak of live buffers: the CPU heap's layout (0 without bf16 compute)."""
+        return self.total - self.bytes.get("live", self.total)
 
     @property
     def peak(self) -> str | None:

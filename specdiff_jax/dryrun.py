@@ -55,6 +55,10 @@ GiB = 1024 ** 3
 MAX_GAP = 0.20  # a compiled figure further than this from the estimate is flagged
 
 
+def _flag(gap: float) -> str:
+    return "GAP OVER 20%" if abs(gap) > MAX_GAP else "within 20%"
+
+
 class DoesNotFit(ConfigError):
     """The run needs more memory per device than the mesh declares."""
 
@@ -113,25 +117,31 @@ class Report:
         c = self.compiled
         if c is None:
             return []
-        gap = self.gap
-        flag = "GAP OVER 20%" if abs(gap) > MAX_GAP else "within 20%"
         b, n = c.bytes, math.prod(self.mesh.values())
-        tail = (f"({c.seconds:.0f} s); the estimate is {gap:+.0%} off it: {flag}. On CPU XLA computes bf16 matmuls "
-                "in f32 and may keep f32 copies a TPU would not |")
         if c.kernels is None:
-            return [f"| **XLA compiled** | **{c.total / GiB:.2f}** | train step compiled on {n} "
-                    f"fake CPU devices at {c.layers[0]} and {c.layers[1]} layers, extrapolated linearly to the full "
-                    f"depth (arguments {b['argument'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
-                    f"{(b['output'] - b['alias']) / GiB:.2f}; " + tail]
-        a, z = c.layers
-        at = f"{a} and {z} verifier layers" if len(c.measured) == 2 else \
-            f"({a}, {a}), ({z}, {a}) and ({a}, {z}) (verifier, drafter) layers"
-        others = "; ".join(f"{k} {v['total'] / GiB:.2f}" for k, v in c.kernels.items() if k != c.peak)
-        return [f"| **XLA compiled** | **{c.total / GiB:.2f}** | prefill and decode loop compiled on {n} fake CPU "
-                f"devices at {at}, extrapolated linearly to the full depth; peak: {c.peak} (parameters "
-                f"{b['parameters'] / GiB:.2f} + KV caches and other inputs {b['inputs'] / GiB:.2f} + temp "
-                f"{b['temp'] / GiB:.2f} + unaliased outputs {(b['output'] - b['alias']) / GiB:.2f}); {others}; "
-                + tail]
+            what = (f"train step compiled on {n} fake CPU devices at {c.layers[0]} and {c.layers[1]} layers, "
+                    f"extrapolated linearly to the full depth (arguments {b['argument'] / GiB:.2f} + temp "
+                    f"{b['temp'] / GiB:.2f} + unaliased outputs {(b['output'] - b['alias']) / GiB:.2f})")
+        else:
+            a, z = c.layers
+            at = f"{a} and {z} verifier layers" if len(c.measured) == 2 else \
+                f"({a}, {a}), ({z}, {a}) and ({a}, {z}) (verifier, drafter) layers"
+            others = "; ".join(f"{k} {v['total'] / GiB:.2f}" for k, v in c.kernels.items() if k != c.peak)
+            what = (f"prefill and decode loop compiled on {n} fake CPU devices at {at}, extrapolated linearly to "
+                    f"the full depth; peak: {c.peak} (parameters {b['parameters'] / GiB:.2f} + KV caches and other "
+                    f"inputs {b['inputs'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
+                    f"{(b['output'] - b['alias']) / GiB:.2f}); {others}")
+        lines = [f"| **XLA compiled** | **{c.total / GiB:.2f}** | {what}; {c.seconds:.0f} s to compile; the estimate is "
+                 f"{self.gap:+.0%} off it: {_flag(self.gap)} |"]
+        if c.tpu != c.total:
+            gap = self.estimate / c.tpu - 1
+            lines.append(f"| XLA buffers at TPU sizes | {c.tpu / GiB:.2f} | on CPU XLA computes bf16 matmuls in f32: "
+                         f"at its peak of live buffers {c.widening / GiB:.2f} GiB are f32 copies of bf16 weights and f32 "
+                         "values the program holds in bf16, which a TPU holds in bf16 or not at all, and its heap "
+                         f"layout adds {c.packing / GiB:.2f} GiB on top of the live buffers; this figure is that peak with "
+                         f"every value at its TPU size (specdiff_jax.cpu_widening): the estimate is {gap:+.0%} off it: "
+                         f"{_flag(gap)} |")
+        return lines
 
     def table(self) -> str:
         ms = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
@@ -305,8 +315,10 @@ def train_report(cfg: RunConfig) -> Report:
         q, keys, lt = _calibration_tokens(cfg)
         how = (f"windows x (draft window + gamma) = {q} queries" if m.attention == "bidirectional"
                else f"{cfg.data.seq_len} + windows x gamma = {q} queries")
-        note = f"estimate: {B} rows x ({how}), remat {tc.remat}"
-        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt, remat=tc.remat)
+        chunk = 0 if cfg.calibrate.loss in ("kd_first", "kd_window") else tc.vocab_chunk  # kd: whole q
+        note = f"estimate: {B} rows x ({how}), remat {tc.remat}, vocab_chunk {chunk}"
+        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt, remat=tc.remat,
+                               vocab_chunk=chunk)
         rows.append(("activations", act, note))
         v = verifier_config(cfg)
         if cfg.calibrate.loss in ("kd_first", "kd_window") and v is not None:  # the frozen teacher
