@@ -237,7 +237,9 @@ class Compiled:
     @property
     def tpu(self) -> int:
         """The peak of live buffers with every value at the size a TPU holds it (`cpu_widening`): an estimate of the
-        accelerator's figure (= total for a program without bf16 compute)."""
+        accelerator's figure (= total for a program without bf16 compute; decoding: the larger kernel's)."""
+        if self.kernels is not None:
+            return max(k.get("tpu", k["total"]) for k in self.kernels.values())
         return self.bytes.get("tpu", self.total)
 
     @property

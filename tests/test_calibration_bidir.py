@@ -246,9 +246,10 @@ def _vocab_wide(jaxpr, V: int) -> list:
 
 @pytest.mark.parametrize("layout", ["block_causal", "bidirectional"])
 def test_vocab_chunked_calibration_losses_equal_the_full_logits_path(layout):
-    """train.vocab_chunk > 0 (7: no chunk divides V): streak, ce_streak and mdlm score the windows from the
-    drafter's hidden states over vocabulary chunks. Loss, gradients and the streak statistics equal the full-logits
-    path, and the traced step holds no [..., V] array (the full path does: the check sees logits)."""
+    """train.vocab_chunk > 0 (7: no chunk divides V): streak and mdlm (ce_streak reads the same lq as streak) score
+    the windows from the drafter's hidden states over vocabulary chunks. Loss, gradients and the streak statistics
+    equal the full-logits path, and the traced step holds no [..., V] array (the full path does: the check sees
+    logits)."""
     base = dataclasses.replace(BCFG, intermediate_size=48)  # no activation as wide as the vocabulary
     cfg = base if layout == "bidirectional" else dataclasses.replace(base, attention="block_causal", logit_shift=False)
     graphdef, state = nnx.split(tiny(cfg, 0, std=0.3))
@@ -259,7 +260,7 @@ def test_vocab_chunked_calibration_losses_equal_the_full_logits_path(layout):
     def step(chunk):
         S = {loss: C.Settings(loss=loss, gamma=G, stride=STRIDE, windows=NWIN, num_sampleable=V - 2, mask_id=MASK,
                               draft_window=DRAFT_WINDOW, temperature=0.8, vocab_chunk=chunk)
-             for loss in ("streak", "ce_streak", "mdlm")}
+             for loss in ("streak", "mdlm")}
         return lambda st: {k: jax.value_and_grad(lambda p: C.calibration_loss(s, nnx.merge(graphdef, p), batch, rng),
                                                  has_aux=True)(st) for k, s in S.items()}
 

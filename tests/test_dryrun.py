@@ -175,24 +175,30 @@ _TINY = ["model.vocab_size=256", "model.hidden_size=32", "model.num_heads=4", "m
 @pytest.mark.multidevice
 def test_compiled_decode_figure_is_extrapolated_over_layers_and_printed_beside_the_estimate():
     """`--compiled` in decode mode: XLA's per-device figures of the real prefill and decode loop (`ar` decoding of
-    a 4-layer model on 2 fake CPU devices), compiled at 2 and 3 layers and extrapolated to 4, equal the 4-layer
+    a 4-layer bf16 model on 2 fake CPU devices; also at TPU sizes), compiled at 2 and 3 layers and extrapolated to
+    4, equal the 4-layer
     compile (a 1-layer prefill is not on the line: its only layer is the last, whose MLP output nothing reads); the
     table prints the compiled line beside the estimate and the fit check uses it."""
     from specdiff_jax.compiled_memory import measure_decode
 
-    cfg = load_config(None, _TINY + ["model.num_layers=4"], tokenizer=NoTokenizer())
+    cfg = load_config(None, _TINY + ["model.num_layers=4", "model.dtype=bfloat16", "model.param_dtype=bfloat16"],
+                      tokenizer=NoTokenizer())
     lines = []
     r = dryrun.run(cfg, "decode", out=lines.append, compiled=(2, 3))
     plan = dryrun.decode_plan(cfg)
     full = measure_decode(cfg, plan, (3, 4)).measured["4,0"]
     assert set(r.compiled.kernels) == {"prefill", "decode"} and r.compiled.total > 0
     for k, b in r.compiled.kernels.items():
-        assert b["total"] == pytest.approx(full[k]["total"], rel=0.02), (k, r.compiled.measured, full)
+        for f in ("total", "tpu"):
+            assert b[f] == pytest.approx(full[k][f], rel=0.02), (k, f, r.compiled.measured, full)
         assert b["parameters"] == _row(r, "verifier parameters")  # every parameter resident, exact
         assert b["total"] == b["parameters"] + b["inputs"] + b["output"] - b["alias"] + b["temp"]
+        # bf16 on CPU: the figure at TPU sizes is lower, and still holds the parameters and the KV cache
+        assert b["parameters"] + _row(r, "verifier KV cache") <= b["tpu"] < b["live"] <= b["total"], (k, b)
     assert r.compiled.kernels["prefill"]["argument"] < r.compiled.kernels["prefill"]["parameters"]  # XLA drops some
     assert r.total == r.compiled.total == max(b["total"] for b in r.compiled.kernels.values())
     assert "| **XLA compiled** |" in lines[0] and "prefill and decode loop compiled on 2 fake CPU" in lines[0]
+    assert "| XLA buffers at TPU sizes |" in lines[0]
     r.budget = r.compiled.total - 1
     with pytest.raises(dryrun.DoesNotFit, match="needs"):
         dryrun.check(r)
