@@ -68,6 +68,18 @@ def _objective(cfg):
     return make_objective(s)
 
 
+def _mesh(cfg, devices):
+    """The mesh of `cfg` over `devices` (default: the first mesh.num_devices devices)."""
+    from specdiff_jax import sharding as shd
+
+    n = cfg.mesh.num_devices or jax.device_count()
+    devices = jax.devices()[:n] if devices is None else devices
+    if len(devices) < n:
+        raise ValueError(f"the mesh needs {n} devices but {len(devices)} exist; set XLA_FLAGS="
+                         f"--xla_force_host_platform_device_count={n} before JAX starts (measure() does)")
+    return shd.make_mesh(cfg.mesh, devices)
+
+
 def compile_train_step(cfg, devices=None) -> Bytes:
     """Per-device bytes (argument, output, alias, temp, total) of the compiled train step of `cfg` on a mesh of
     `devices` (default: the first mesh.num_devices devices). total = argument + output - alias + temp."""
@@ -77,12 +89,7 @@ def compile_train_step(cfg, devices=None) -> Bytes:
     from specdiff_jax import training
     from specdiff_jax.model import abstract_model
 
-    n = cfg.mesh.num_devices or jax.device_count()
-    devices = jax.devices()[:n] if devices is None else devices
-    if len(devices) < n:
-        raise ValueError(f"the mesh needs {n} devices but {len(devices)} exist; set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count={n} before JAX starts (measure() does)")
-    mesh = shd.make_mesh(cfg.mesh, devices)
+    mesh = _mesh(cfg, devices)
     prog = training.programs(cfg, mesh, _objective(cfg))
     A, B, L = cfg.train.grad_accum, cfg.data.batch_size, cfg.data.seq_len
     tokens = jax.ShapeDtypeStruct((A, B, L), np.int32)
@@ -188,12 +195,7 @@ def compile_decode(cfg, plan: DecodePlan, devices=None) -> dict[str, Bytes]:
     from specdiff_jax.decode import core, kernel
     from specdiff_jax.model import abstract_model
 
-    n = cfg.mesh.num_devices or jax.device_count()
-    devices = jax.devices()[:n] if devices is None else devices
-    if len(devices) < n:
-        raise ValueError(f"the mesh needs {n} devices but {len(devices)} exist; set XLA_FLAGS="
-                         f"--xla_force_host_platform_device_count={n} before JAX starts (measure_decode() does)")
-    mesh = shd.make_mesh(cfg.mesh, devices)
+    mesh = _mesh(cfg, devices)
     rules = tuple((k, tuple(a) if isinstance(a, list) else a) for k, a in cfg.mesh.logical_axis_rules)
     vm = abstract_model(plan.verifier)
     dm = None if plan.drafter is None else abstract_model(plan.drafter)

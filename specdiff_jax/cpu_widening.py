@@ -137,7 +137,8 @@ def _held_in_bf16(name: str, ins: dict, comps: dict, depth: int = 8) -> bool:
     users = ins[name]["users"]
     if not users or depth == 0:
         return False
-    return all(_rounds(u, ins, comps) or _narrows(u, ins, comps) or (_dtype(ins[u]["type"]) == "f32" and _moves(u, ins, comps)
+    return all(_rounds(u, ins, comps) or _narrows(u, ins, comps)
+               or (_dtype(ins[u]["type"]) == "f32" and _moves(u, ins, comps)
                    and _held_in_bf16(u, ins, comps, depth - 1)) for u in users)
 
 

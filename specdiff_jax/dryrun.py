@@ -131,16 +131,18 @@ class Report:
                     f"the full depth; peak: {c.peak} (parameters {b['parameters'] / GiB:.2f} + KV caches and other "
                     f"inputs {b['inputs'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
                     f"{(b['output'] - b['alias']) / GiB:.2f}); {others}")
-        lines = [f"| **XLA compiled** | **{c.total / GiB:.2f}** | {what}; {c.seconds:.0f} s to compile; the estimate is "
-                 f"{self.gap:+.0%} off it: {_flag(self.gap)} |"]
+        lines = [f"| **XLA compiled** | **{c.total / GiB:.2f}** | {what}; {c.seconds:.0f} s to compile; the estimate "
+                 f"is {self.gap:+.0%} off it: {_flag(self.gap)} |"]
         if c.tpu != c.total:
             gap = self.estimate / c.tpu - 1
-            lines.append(f"| XLA buffers at TPU sizes | {c.tpu / GiB:.2f} | on CPU XLA computes bf16 matmuls in f32: "
-                         f"at its peak of live buffers {c.widening / GiB:.2f} GiB are f32 copies of bf16 weights and f32 "
-                         "values the program holds in bf16, which a TPU holds in bf16 or not at all, and its heap "
-                         f"layout adds {c.packing / GiB:.2f} GiB on top of the live buffers; this figure is that peak with "
-                         f"every value at its TPU size (specdiff_jax.cpu_widening): the estimate is {gap:+.0%} off it: "
-                         f"{_flag(gap)} |")
+            each = "" if c.kernels is None else " (" + ", ".join(
+                f"{k} {v['tpu'] / GiB:.2f}" for k, v in c.kernels.items()) + ")"
+            lines.append(f"| XLA buffers at TPU sizes | {c.tpu / GiB:.2f}{each} | on CPU XLA computes bf16 matmuls "
+                         f"in f32: at the peak of live buffers ({c.peak or 'train step'}) {c.widening / GiB:.2f} GiB "
+                         "are f32 copies of bf16 weights and f32 values the program holds in bf16, which a TPU holds in "
+                         f"bf16 or not at all, and its heap layout adds {c.packing / GiB:.2f} GiB on top of the live "
+                         "buffers; this figure is that peak with every value at its TPU size "
+                         f"(specdiff_jax.cpu_widening): the estimate is {gap:+.0%} off it: {_flag(gap)} |")
         return lines
 
     def table(self) -> str:
