@@ -9,8 +9,9 @@ bound of an accelerator's, and this module measures by how much.
 HLO, its buffer assignment and buffer live ranges) and counts every buffer the way a TPU would size it:
 - an f32 value that only converts a bf16 entry parameter (plus layout ops: bitcasts, copies, all-gathers): 0
   bytes (the TPU reads the bf16 parameter, which is counted already);
-- an f32 value that only converts another bf16 value, or that the program holds in bf16 (the CPU rounds it to
-  bf16 and back: its fusion holds that round trip, or every user of it does): half its bytes;
+- an f32 value that only converts another bf16 value, only moves such a copy (an all-gather, a copy, a pad), or
+  that the program holds in bf16 (the CPU rounds it to bf16 and back: its fusion holds that round trip, or every
+  user of it does): half its bytes;
 - everything else: its bytes (f32 values whose bf16 rounding XLA dropped as excess precision stay counted in
   full, so the TPU figure this gives is still an upper bound).
 It returns the peak of live bytes over the schedule counted both ways. Their difference is what the CPU holds
@@ -30,8 +31,8 @@ import numpy as np
 LAYOUT_OPS = {"parameter", "convert", "bitcast", "copy", "transpose", "reshape", "broadcast", "slice",
               "dynamic-slice", "concatenate", "tuple", "get-tuple-element"}
 # ops that move, write or reduce data across devices without other arithmetic
-MOVE_OPS = LAYOUT_OPS | {"scatter", "dynamic-update-slice", "select", "all-reduce", "all-gather", "reduce-scatter",
-                         "all-to-all", "collective-permute"}
+MOVE_OPS = LAYOUT_OPS | {"scatter", "dynamic-update-slice", "select", "pad", "all-reduce", "all-gather",
+                         "reduce-scatter", "all-to-all", "collective-permute"}
 _INSTR = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = (.+?) ([a-z][\w\-]*)\((.*)$")
 _COMP = re.compile(r"^(ENTRY )?%([\w.\-]+) .*\{\s*$")
 _VALUE = re.compile(r"^ value: <\d+ ([\w.\-]+)(\{[\d,]*\})?(?: \(phi\))? @\d+> \(size=(\d+),offset=\d+\): (\S+)")
@@ -153,7 +154,16 @@ def tpu_bytes(name: str, index: str, size: int, type_str: str, ins: dict, comps:
         return size // 2 if held else size
     if _widens(name, ins, comps):
         return 0 if _from_parameter(name, ins, params) else size // 2
-    return size // 2 if _held_in_bf16(name, ins, comps) else size
+    return size // 2 if _moves_widened(name, ins, comps) or _held_in_bf16(name, ins, comps) else size
+
+
+def _moves_widened(name: str, ins: dict, comps: dict, depth: int = 8) -> bool:
+    """The instruction moves (gathers, copies, pads, transposes) a widened copy of a bf16 value: a TPU moves the
+    bf16 value instead."""
+    ops = ins[name]["operands"]
+    if depth == 0 or not ops or ops[0] not in ins or not _moves(name, ins, comps):
+        return False
+    return _widens(ops[0], ins, comps) or _moves_widened(ops[0], ins, comps, depth - 1)
 
 
 def _file(dump_dir: Path, suffix: str) -> Path:

@@ -101,8 +101,9 @@ class Report:
 
     @property
     def total(self) -> int:
-        """The compiled figure when there is one (it is measured), else the estimate."""
-        return self.compiled.total if self.compiled is not None else self.estimate
+        """The compiled figure when there is one (it is measured; for bf16 compute XLA's buffers at TPU sizes, the
+        CPU figure being an upper bound: `compiled_memory.Compiled.tpu`), else the estimate."""
+        return self.compiled.tpu if self.compiled is not None else self.estimate
 
     @property
     def gap(self) -> float | None:
@@ -139,8 +140,8 @@ class Report:
                 f"{k} {v['tpu'] / GiB:.2f}" for k, v in c.kernels.items()) + ")"
             lines.append(f"| XLA buffers at TPU sizes | {c.tpu / GiB:.2f}{each} | on CPU XLA computes bf16 matmuls "
                          f"in f32: at the peak of live buffers ({c.peak or 'train step'}) {c.widening / GiB:.2f} GiB "
-                         "are f32 copies of bf16 weights and f32 values the program holds in bf16, which a TPU holds in "
-                         f"bf16 or not at all, and its heap layout adds {c.packing / GiB:.2f} GiB on top of the live "
+                         "are f32 copies of bf16 weights and f32 values the program holds in bf16, which a TPU holds "
+                         f"in bf16 or not at all, and its heap layout adds {c.packing / GiB:.2f} GiB on top of the live "
                          "buffers; this figure is that peak with every value at its TPU size "
                          f"(specdiff_jax.cpu_widening): the estimate is {gap:+.0%} off it: {_flag(gap)} |")
         return lines
@@ -153,7 +154,8 @@ class Report:
         lines += [f"| {w} | {b / GiB:.2f} | {note} |" for w, b, note in self.rows]
         budget = "not declared (mesh.device_memory_gb)" if self.budget is None else f"{self.budget / GiB:.2f}"
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        by = " (by the compiled figure)" if self.compiled is not None else ""
+        by = "" if self.compiled is None else " (by the compiled figure)" if self.compiled.tpu == self.compiled.total \
+            else " (by XLA's buffers at TPU sizes)"
         lines += [f"| **total (estimate)** | **{self.estimate / GiB:.2f}** | device memory {budget}: "
                   f"{verdict}{by} |"] + self.compiled_lines() + ["",
                   "| parameter group | global shape | sharding | GiB per device |", "|---|---|---|---|"]
@@ -247,6 +249,38 @@ def activation_bytes(m: ModelConfig, mesh, rules, *, rows: int, tokens: int, key
     return int(b * (kept + logits))
 
 
+def gathered_weight_bytes(m: ModelConfig, mesh, rules, remat: str) -> int:
+    """Per-device bytes of the decoder layers' weights all-gathered over the fsdp axes and kept for the backward
+    pass: every layer's with train.remat=none (XLA keeps each gathered weight for its gradient matmuls, measured on
+    the compiled 7B step), none otherwise (each layer's are gathered again when it is recomputed). Still split over
+    the tensor axis, in the compute dtype."""
+    if remat != "none":
+        return 0
+    d, f, hd = m.hidden_size, m.intermediate_size, m.head_dim
+    fh = _factor(mesh, rules, "heads", m.num_heads * hd)
+    fk = _factor(mesh, rules, "kv_heads", m.num_kv_heads * hd)
+    fm = _factor(mesh, rules, "mlp", f)
+    layer = 2 * d * m.num_heads * hd / fh + 2 * d * m.num_kv_heads * hd / fk + 3 * d * f / fm
+    return int(m.num_layers * layer * _itemsize(m.dtype))
+
+
+def _lora_row(cfg: RunConfig, groups) -> tuple[str, int, str]:
+    """The LoRA step's copies of the adapted weights (measured on the compiled 7B calibration steps): the merged
+    W + scale A B of every layer and its gradient, both in the parameter dtype, all layers at once (the adapters'
+    gradients are contracted from it)."""
+    m = cfg.model
+    adapted = sum(b for g, _, _, b in groups if g.split(".")[-1] in cfg.train.lora_targets)
+    return ("LoRA merged weights + their gradient", 2 * adapted,
+            f"estimate: W + A B of the adapted weights and its gradient, {m.param_dtype}")
+
+
+def _head_row(m: ModelConfig, mesh, rules) -> tuple[str, int, str]:
+    """The LM head all-gathered over fsdp: what XLA does for calibration's few logit positions (measured on the
+    compiled 7B calibration step; with thousands of positions per row it gathers the activations instead)."""
+    head = m.hidden_size * m.vocab_size * _itemsize(m.dtype) // _factor(mesh, rules, "vocab", m.vocab_size)
+    return ("LM head, all-gathered", head, "estimate: XLA's layout for the windows' few logit positions")
+
+
 def _calibration_tokens(cfg: RunConfig) -> tuple[int, int, int]:
     """(queries, keys per query, logit positions) per row of a calibration step (`calibration.step_tokens`:
     block_causal drafters run the row plus windows x gamma block queries, bidirectional ones re-encode
@@ -312,6 +346,13 @@ def train_report(cfg: RunConfig) -> Report:
     rows.append(("gradients", params_b * (2 if tc.grad_accum > 1 else 1),
                  "+ accumulator" if tc.grad_accum > 1 else "one copy"))
     B = cfg.data.batch_size
+    groups = _groups(abstract_state, mesh, rules)
+    if lora:
+        rows.append(_lora_row(cfg, groups))
+    gathered = gathered_weight_bytes(m, mesh, rules, tc.remat)
+    if gathered:
+        rows.append(("gathered layer weights", gathered, "estimate: every layer's weights all-gathered over fsdp, "
+                     "kept for the backward pass (remat none)"))
     if tc.objective == "calibrate":
         check_drafter(m)  # calibration trains diffusion drafters with a mask token: say so before any figure
         q, keys, lt = _calibration_tokens(cfg)
@@ -321,7 +362,7 @@ def train_report(cfg: RunConfig) -> Report:
         note = f"estimate: {B} rows x ({how}), remat {tc.remat}, vocab_chunk {chunk}"
         act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt, remat=tc.remat,
                                vocab_chunk=chunk)
-        rows.append(("activations", act, note))
+        rows += [("activations", act, note), _head_row(m, mesh, rules)]
         v = verifier_config(cfg)
         if cfg.calibrate.loss in ("kd_first", "kd_window") and v is not None:  # the frozen teacher
             rows.append(("verifier (teacher) parameters", _params_row(nnx.state(abstract_model(v)), mesh, rules),
@@ -334,8 +375,7 @@ def train_report(cfg: RunConfig) -> Report:
         rows.append(("activations", act, f"estimate: {B} rows x {T} tokens per micro-batch, remat {tc.remat}, "
                      f"vocab_chunk {tc.vocab_chunk}"))
     rows.append(("KV cache", 0, "none in training"))
-    return Report("train", dict(mesh.shape), abstract, rows, _groups(abstract_state, mesh, rules),
-                  _budget(cfg, mesh, abstract))
+    return Report("train", dict(mesh.shape), abstract, rows, groups, _budget(cfg, mesh, abstract))
 
 
 def decode_plan(cfg: RunConfig, sampling: dict | None = None) -> DecodePlan:

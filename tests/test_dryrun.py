@@ -65,7 +65,14 @@ def test_decode_dry_run_of_each_pair_fits_its_slice(pair):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_train_dry_run_of_each_verifier_on_its_pod(model):
+    """7B and 14B fit their pods as configured; 72B, whose every layer's gathered weights (32.7 GiB) and
+    activations are kept for the backward pass without remat, does not (XLA's compiled figure at TPU sizes:
+    136 GiB) and fits with train.remat=full and vocabulary chunks (6.5 GiB)."""
     cfg = _cfg(f"models/{model}.yaml")
+    if model == "qwen2.5-72b":
+        with pytest.raises(dryrun.DoesNotFit, match="gathered layer weights|activations"):
+            dryrun.run(cfg, "train", out=lambda s: None)
+        cfg = _cfg(f"models/{model}.yaml", "train.remat=full", "train.vocab_chunk=16896")
     r = dryrun.run(cfg, "train", out=lambda s: None)
     n = cfg.mesh.num_devices
     assert r.fits and math.prod(r.mesh.values()) == n
@@ -196,10 +203,11 @@ def test_compiled_decode_figure_is_extrapolated_over_layers_and_printed_beside_t
         # bf16 on CPU: the figure at TPU sizes is lower, and still holds the parameters and the KV cache
         assert b["parameters"] + _row(r, "verifier KV cache") <= b["tpu"] < b["live"] <= b["total"], (k, b)
     assert r.compiled.kernels["prefill"]["argument"] < r.compiled.kernels["prefill"]["parameters"]  # XLA drops some
-    assert r.total == r.compiled.total == max(b["total"] for b in r.compiled.kernels.values())
+    assert r.compiled.total == max(b["total"] for b in r.compiled.kernels.values())
+    assert r.total == r.compiled.tpu == max(b["tpu"] for b in r.compiled.kernels.values())  # the fit check's
     assert "| **XLA compiled** |" in lines[0] and "prefill and decode loop compiled on 2 fake CPU" in lines[0]
     assert "| XLA buffers at TPU sizes |" in lines[0]
-    r.budget = r.compiled.total - 1
+    r.budget = r.compiled.tpu - 1
     with pytest.raises(dryrun.DoesNotFit, match="needs"):
         dryrun.check(r)
 
