@@ -20,6 +20,10 @@ attending to all, rotary positions counted from the window's first token, and re
 (logit_shift False) or j-1 (True: q_1 comes from the last committed token). Calibration encodes each window
 exactly so: one row `[pad x (W-w) ; x_{t-w} .. x_{t-1} ; MASK x gamma]` with w = min(t, W) per window, the pads
 masked out as keys. The cost is windows x (W + gamma) tokens per row: use `calibrate.windows_per_row`.
+
+Both encodings give the drafter's hidden states at the G scored positions (`drafter_window_hidden`); with
+`train.vocab_chunk` set, the streak, ce_streak and mdlm losses score them over vocabulary chunks
+(`losses.chunked_target_logprobs`), so no [windows, G, V] logits exist in either pass.
 """
 
 from __future__ import annotations
