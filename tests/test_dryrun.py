@@ -254,3 +254,19 @@ def test_compiled_decode_figure_of_a_pair_is_linear_in_both_depths(tmp_path):
         got = extrapolate_pair(m["2,2"][k], m["3,2"][k], m["2,3"][k], (2, 3), (4, 4))
         assert m["2,2"][k]["total"] < got["total"]
         assert got["total"] == pytest.approx(m["4,4"][k]["total"], rel=0.02), (k, got, m["4,4"][k])
+
+
+def test_weight_copies_the_compiled_steps_showed_are_in_the_formula():
+    """Rows from shapes alone (measured against XLA's compiled 7B steps at TPU sizes, docs/SCALE_OUT.md): without
+    remat every layer's fsdp-gathered weights; LoRA's merged adapted weights and their gradient; calibration's
+    all-gathered LM head."""
+    m = _cfg("models/qwen2.5-7b.yaml").model
+    d, f, h, kv, hd = m.hidden_size, m.intermediate_size, m.num_heads, m.num_kv_heads, m.head_dim
+    layer = 2 * d * h * hd + 2 * d * kv * hd + 3 * d * f  # the 2-D weights of one decoder layer
+    r = dryrun.run(_cfg("models/qwen2.5-7b.yaml"), "train", out=lambda s: None)  # fsdp 32, tensor 1
+    assert _row(r, "gathered layer weights") == m.num_layers * layer * 2
+    r = dryrun.run(_cfg("models/qwen2.5-7b.yaml", "train.remat=full"), "train", out=lambda s: None)
+    assert "gathered layer weights" not in [w for w, _, _ in r.rows]
+    r = dryrun.run(_cfg("pairs/diffucoder7b_qwen2.5-7b.yaml"), "train", out=lambda s: None)  # 8 devices, LoRA
+    assert _row(r, "LoRA merged weights + their gradient") == 2 * (m.num_layers * layer * 2 // 8)
+    assert _row(r, "LM head, all-gathered") == d * m.vocab_size * 2
