@@ -16,14 +16,16 @@ activations and KV caches, and the sharding of every parameter group, then check
 Exact (from shapes and shardings): parameters, optimizer state, gradients, KV caches. Estimated (a formula over
 the same shapes, stated in `activation_bytes`): activations, which XLA decides; the training estimate follows
 train.remat and train.vocab_chunk, the decode estimate is the largest single forward of a round (prefill, drafter,
-verifier).
+verifier). Also estimated, from what the compiled steps showed: the weight copies XLA keeps (`gathered_weight_bytes`
+without remat, LoRA's merged weights and their gradient, calibration's all-gathered LM head).
 
 Measured (`--compiled`): the real train step, or the decode kernels (the jitted prefill and the draft-verify
 loop, as sharded decoding jits them), compiled for the mesh on fake CPU devices at two small layer counts and
 extrapolated linearly to the full depth (specdiff_jax.compiled_memory); XLA's per-device figure (decoding: the
-peak of the two kernels, every parameter resident) is printed beside the estimate, a gap over 20% is flagged, and
-the fit check uses the compiled figure. On CPU, XLA
-computes bf16 matmuls in f32 and may keep f32 copies that a TPU would not.
+peak of the two kernels, every parameter resident) is printed beside the estimate and a gap over 20% is flagged.
+On CPU, XLA computes bf16 matmuls in f32 and keeps f32 copies a TPU would not: for bf16 programs the compile is
+also read back at TPU sizes (specdiff_jax.cpu_widening), that figure is printed too, and the fit check uses it
+(for f32 programs the two are one).
 """
 
 from __future__ import annotations
