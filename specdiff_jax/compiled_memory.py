@@ -107,14 +107,18 @@ def compile_train_step(cfg, devices=None) -> Bytes:
 
 def _compile(lowered, bf16: bool):
     """(the compiled program, its peak of live bytes as compiled and at a TPU's sizes: `cpu_widening.widening`;
-    None for a program without bf16 compute)."""
+    None for a program without bf16 compute, or when this XLA's dump is not the one `cpu_widening` reads: then
+    only the CPU figure is reported)."""
     if not bf16:
         return lowered.compile(), None
     from specdiff_jax.cpu_widening import widening
 
     with tempfile.TemporaryDirectory() as d:
         compiled = lowered.compile(compiler_options={"xla_dump_to": d})
-        return compiled, widening(d)
+        try:
+            return compiled, widening(d)
+        except (ValueError, KeyError, IndexError, OSError):
+            return compiled, None
 
 
 @dataclasses.dataclass(frozen=True)
