@@ -14,10 +14,10 @@ HLO, its buffer assignment and buffer live ranges) and counts every buffer the w
   user of it does): half its bytes;
 - everything else: its bytes (f32 values whose bf16 rounding XLA dropped as excess precision stay counted in
   full, so the TPU figure this gives is still an upper bound).
-It returns the peak of live bytes over the schedule counted both ways. Their difference is what the CPU holds
-beyond the TPU at its peak: `compiled_memory` subtracts it from XLA's figure for the "without CPU widening" line.
-Fragmentation and a TPU's own scheduling are not modelled: the result estimates the accelerator's figure from
-XLA's own buffers, it is not a TPU compile.
+It returns the peak of live bytes over the schedule counted both ways (values at one buffer offset whose live
+ranges overlap are one buffer). `compiled_memory` reports the second as "XLA's buffers at TPU sizes" and the
+difference as the CPU's widening. Heap fragmentation and a TPU's own scheduling are not modelled: the result
+estimates the accelerator's figure from XLA's own buffers, it is not a TPU compile.
 """
 
 from __future__ import annotations
