@@ -5,6 +5,7 @@
     python -m eval.benchmark  --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run  # decoding
     python -m specdiff_jax.dryrun --config FILE [--mode train|decode] [key=value ...]
     python -m train.pretrain  --config configs/models/qwen2.5-7b.yaml --dry-run --compiled  # + XLA's own figure
+    python -m train.generate_data --config configs/pairs/diffucoder7b_qwen2.5-72b.yaml --dry-run --compiled
 
 With `mesh.num_devices = N > 0` the mesh is an `AbstractMesh` of N devices (no device needed: a 256-device pod is
 planned on a laptop); with 0 it is the real devices'. Per device it reports parameters, optimizer state, gradients,
@@ -15,12 +16,16 @@ activations and KV caches, and the sharding of every parameter group, then check
 Exact (from shapes and shardings): parameters, optimizer state, gradients, KV caches. Estimated (a formula over
 the same shapes, stated in `activation_bytes`): activations, which XLA decides; the training estimate follows
 train.remat and train.vocab_chunk, the decode estimate is the largest single forward of a round (prefill, drafter,
-verifier).
+verifier). Also estimated, from what the compiled steps showed: the weight copies XLA keeps (`gathered_weight_bytes`
+without remat, LoRA's merged weights and their gradient, calibration's all-gathered LM head).
 
-Measured (`--compiled`, training): the real train step compiled for the mesh on fake CPU devices at two small
-layer counts and extrapolated linearly to the full depth (specdiff_jax.compiled_memory); XLA's per-device figure
-is printed beside the estimate, a gap over 20% is flagged, and the fit check uses the compiled figure. On CPU, XLA
-computes bf16 matmuls in f32 and may keep f32 copies that a TPU would not.
+Measured (`--compiled`): the real train step, or the decode kernels (the jitted prefill and the draft-verify
+loop, as sharded decoding jits them), compiled for the mesh on fake CPU devices at two small layer counts and
+extrapolated linearly to the full depth (specdiff_jax.compiled_memory); XLA's per-device figure (decoding: the
+peak of the two kernels, every parameter resident) is printed beside the estimate and a gap over 20% is flagged.
+On CPU, XLA computes bf16 matmuls in f32 and keeps f32 copies a TPU would not: for bf16 programs the compile is
+also read back at TPU sizes (specdiff_jax.cpu_widening), that figure is printed too, and the fit check uses it
+(for f32 programs the two are one).
 """
 
 from __future__ import annotations
@@ -43,12 +48,17 @@ from specdiff_jax import training
 from specdiff_jax.cache import KVCache
 from specdiff_jax.calibration import check_drafter
 from specdiff_jax.calibration.windows import step_tokens
+from specdiff_jax.compiled_memory import DecodePlan
 from specdiff_jax.config import ConfigError, ModelConfig
 from specdiff_jax.config.run import CONFIGS_DIR, NoTokenizer, RunConfig, load_config
 from specdiff_jax.model import abstract_model
 
 GiB = 1024 ** 3
 MAX_GAP = 0.20  # a compiled figure further than this from the estimate is flagged
+
+
+def _flag(gap: float) -> str:
+    return "GAP OVER 20%" if abs(gap) > MAX_GAP else "within 20%"
 
 
 class DoesNotFit(ConfigError):
@@ -93,8 +103,9 @@ class Report:
 
     @property
     def total(self) -> int:
-        """The compiled figure when there is one (it is measured), else the estimate."""
-        return self.compiled.total if self.compiled is not None else self.estimate
+        """The compiled figure when there is one (it is measured; for bf16 compute XLA's buffers at TPU sizes, the
+        CPU figure being an upper bound: `compiled_memory.Compiled.tpu`), else the estimate."""
+        return self.compiled.tpu if self.compiled is not None else self.estimate
 
     @property
     def gap(self) -> float | None:
@@ -109,14 +120,33 @@ class Report:
         c = self.compiled
         if c is None:
             return []
-        gap = self.gap
-        flag = "GAP OVER 20%" if abs(gap) > MAX_GAP else "within 20%"
         b, n = c.bytes, math.prod(self.mesh.values())
-        return [f"| **XLA compiled** | **{c.total / GiB:.2f}** | train step compiled on {n} "
-                f"fake CPU devices at {c.layers[0]} and {c.layers[1]} layers, extrapolated linearly to the full "
-                f"depth (arguments {b['argument'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
-                f"{(b['output'] - b['alias']) / GiB:.2f}; {c.seconds:.0f} s); the estimate is {gap:+.0%} off it: "
-                f"{flag}. On CPU XLA computes bf16 matmuls in f32 and may keep f32 copies a TPU would not |"]
+        if c.kernels is None:
+            what = (f"train step compiled on {n} fake CPU devices at {c.layers[0]} and {c.layers[1]} layers, "
+                    f"extrapolated linearly to the full depth (arguments {b['argument'] / GiB:.2f} + temp "
+                    f"{b['temp'] / GiB:.2f} + unaliased outputs {(b['output'] - b['alias']) / GiB:.2f})")
+        else:
+            a, z = c.layers
+            at = f"{a} and {z} verifier layers" if len(c.measured) == 2 else \
+                f"({a}, {a}), ({z}, {a}) and ({a}, {z}) (verifier, drafter) layers"
+            others = "; ".join(f"{k} {v['total'] / GiB:.2f}" for k, v in c.kernels.items() if k != c.peak)
+            what = (f"prefill and decode loop compiled on {n} fake CPU devices at {at}, extrapolated linearly to "
+                    f"the full depth; peak: {c.peak} (parameters {b['parameters'] / GiB:.2f} + KV caches and other "
+                    f"inputs {b['inputs'] / GiB:.2f} + temp {b['temp'] / GiB:.2f} + unaliased outputs "
+                    f"{(b['output'] - b['alias']) / GiB:.2f}); {others}")
+        lines = [f"| **XLA compiled** | **{c.total / GiB:.2f}** | {what}; {c.seconds:.0f} s to compile; the estimate "
+                 f"is {self.gap:+.0%} off it: {_flag(self.gap)} |"]
+        if c.tpu != c.total:
+            gap = self.estimate / c.tpu - 1
+            each = "" if c.kernels is None else " (" + ", ".join(
+                f"{k} {v['tpu'] / GiB:.2f}" for k, v in c.kernels.items()) + ")"
+            lines.append(f"| XLA buffers at TPU sizes | {c.tpu / GiB:.2f}{each} | on CPU XLA computes bf16 matmuls "
+                         f"in f32: at the peak of live buffers ({c.peak or 'train step'}) {c.widening / GiB:.2f} GiB "
+                         "are f32 copies of bf16 weights and f32 values the program holds in bf16, which a TPU holds "
+                         f"in bf16 or not at all, and its heap layout adds {c.packing / GiB:.2f} GiB on top of the live "
+                         "buffers; this figure is that peak with every value at its TPU size "
+                         f"(specdiff_jax.cpu_widening): the estimate is {gap:+.0%} off it: {_flag(gap)} |")
+        return lines
 
     def table(self) -> str:
         ms = " x ".join(f"{k} {v}" for k, v in self.mesh.items())
@@ -126,7 +156,8 @@ class Report:
         lines += [f"| {w} | {b / GiB:.2f} | {note} |" for w, b, note in self.rows]
         budget = "not declared (mesh.device_memory_gb)" if self.budget is None else f"{self.budget / GiB:.2f}"
         verdict = "fits" if self.fits else "DOES NOT FIT"
-        by = " (by the compiled figure)" if self.compiled is not None else ""
+        by = "" if self.compiled is None else " (by the compiled figure)" if self.compiled.tpu == self.compiled.total \
+            else " (by XLA's buffers at TPU sizes)"
         lines += [f"| **total (estimate)** | **{self.estimate / GiB:.2f}** | device memory {budget}: "
                   f"{verdict}{by} |"] + self.compiled_lines() + ["",
                   "| parameter group | global shape | sharding | GiB per device |", "|---|---|---|---|"]
@@ -220,6 +251,38 @@ def activation_bytes(m: ModelConfig, mesh, rules, *, rows: int, tokens: int, key
     return int(b * (kept + logits))
 
 
+def gathered_weight_bytes(m: ModelConfig, mesh, rules, remat: str) -> int:
+    """Per-device bytes of the decoder layers' weights all-gathered over the fsdp axes and kept for the backward
+    pass: every layer's with train.remat=none (XLA keeps each gathered weight for its gradient matmuls, measured on
+    the compiled 7B step), none otherwise (each layer's are gathered again when it is recomputed). Still split over
+    the tensor axis, in the compute dtype."""
+    if remat != "none":
+        return 0
+    d, f, hd = m.hidden_size, m.intermediate_size, m.head_dim
+    fh = _factor(mesh, rules, "heads", m.num_heads * hd)
+    fk = _factor(mesh, rules, "kv_heads", m.num_kv_heads * hd)
+    fm = _factor(mesh, rules, "mlp", f)
+    layer = 2 * d * m.num_heads * hd / fh + 2 * d * m.num_kv_heads * hd / fk + 3 * d * f / fm
+    return int(m.num_layers * layer * _itemsize(m.dtype))
+
+
+def _lora_row(cfg: RunConfig, groups) -> tuple[str, int, str]:
+    """The LoRA step's copies of the adapted weights (measured on the compiled 7B calibration steps): the merged
+    W + scale A B of every layer and its gradient, both in the parameter dtype, all layers at once (the adapters'
+    gradients are contracted from it)."""
+    m = cfg.model
+    adapted = sum(b for g, _, _, b in groups if g.split(".")[-1] in cfg.train.lora_targets)
+    return ("LoRA merged weights + their gradient", 2 * adapted,
+            f"estimate: W + A B of the adapted weights and its gradient, {m.param_dtype}")
+
+
+def _head_row(m: ModelConfig, mesh, rules) -> tuple[str, int, str]:
+    """The LM head all-gathered over fsdp: what XLA does for calibration's few logit positions (measured on the
+    compiled 7B calibration step; with thousands of positions per row it gathers the activations instead)."""
+    head = m.hidden_size * m.vocab_size * _itemsize(m.dtype) // _factor(mesh, rules, "vocab", m.vocab_size)
+    return ("LM head, all-gathered", head, "estimate: XLA's layout for the windows' few logit positions")
+
+
 def _calibration_tokens(cfg: RunConfig) -> tuple[int, int, int]:
     """(queries, keys per query, logit positions) per row of a calibration step (`calibration.step_tokens`:
     block_causal drafters run the row plus windows x gamma block queries, bidirectional ones re-encode
@@ -285,14 +348,23 @@ def train_report(cfg: RunConfig) -> Report:
     rows.append(("gradients", params_b * (2 if tc.grad_accum > 1 else 1),
                  "+ accumulator" if tc.grad_accum > 1 else "one copy"))
     B = cfg.data.batch_size
+    groups = _groups(abstract_state, mesh, rules)
+    if lora:
+        rows.append(_lora_row(cfg, groups))
+    gathered = gathered_weight_bytes(m, mesh, rules, tc.remat)
+    if gathered:
+        rows.append(("gathered layer weights", gathered, "estimate: every layer's weights all-gathered over fsdp, "
+                     "kept for the backward pass (remat none)"))
     if tc.objective == "calibrate":
         check_drafter(m)  # calibration trains diffusion drafters with a mask token: say so before any figure
         q, keys, lt = _calibration_tokens(cfg)
         how = (f"windows x (draft window + gamma) = {q} queries" if m.attention == "bidirectional"
                else f"{cfg.data.seq_len} + windows x gamma = {q} queries")
-        note = f"estimate: {B} rows x ({how}), remat {tc.remat}"
-        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt, remat=tc.remat)
-        rows.append(("activations", act, note))
+        chunk = 0 if cfg.calibrate.loss in ("kd_first", "kd_window") else tc.vocab_chunk  # kd: whole q
+        note = f"estimate: {B} rows x ({how}), remat {tc.remat}, vocab_chunk {chunk}"
+        act = activation_bytes(m, mesh, rules, rows=B, tokens=q, keys=keys, logits_tokens=lt, remat=tc.remat,
+                               vocab_chunk=chunk)
+        rows += [("activations", act, note), _head_row(m, mesh, rules)]
         v = verifier_config(cfg)
         if cfg.calibrate.loss in ("kd_first", "kd_window") and v is not None:  # the frozen teacher
             rows.append(("verifier (teacher) parameters", _params_row(nnx.state(abstract_model(v)), mesh, rules),
@@ -305,26 +377,39 @@ def train_report(cfg: RunConfig) -> Report:
         rows.append(("activations", act, f"estimate: {B} rows x {T} tokens per micro-batch, remat {tc.remat}, "
                      f"vocab_chunk {tc.vocab_chunk}"))
     rows.append(("KV cache", 0, "none in training"))
-    return Report("train", dict(mesh.shape), abstract, rows, _groups(abstract_state, mesh, rules),
-                  _budget(cfg, mesh, abstract))
+    return Report("train", dict(mesh.shape), abstract, rows, groups, _budget(cfg, mesh, abstract))
 
 
-def decode_report(cfg: RunConfig) -> Report:
-    """Per-device memory of speculative decoding with the pair of `cfg` (model = drafter, pair.verifier_config =
-    verifier); without a pair section, autoregressive decoding of `cfg.model`."""
-    mesh, abstract = resolve_mesh(cfg)
-    rules = cfg.mesh.logical_axis_rules
+def decode_plan(cfg: RunConfig, sampling: dict | None = None) -> DecodePlan:
+    """What the decode dry run of `cfg` plans: the pair (model = drafter, pair.verifier_config = verifier;
+    speculative decoding with pair.num_drafts drafts of pair.gamma tokens) or, without a verifier config, `ar`
+    decoding of `cfg.model`; pair.batch_size rows of pair.prompt_tokens + max_new_tokens. sampling: the verifier's
+    temperature / top_k / top_p (default temperature 1, no filters)."""
     p = cfg.pair
     v = verifier_config(cfg)
     d = cfg.model if v is not None else None
     v = v or cfg.model
-    B, P, N = p.batch_size, p.prompt_tokens, p.max_new_tokens
     G, K = (p.gamma, p.num_drafts) if d is not None else (0, 1)
-    cap = P + N + G
+    plan = DecodePlan(v, d, batch=p.batch_size, prompt_tokens=p.prompt_tokens, max_new_tokens=p.max_new_tokens,
+                      gamma=G, num_drafts=K, draft_window=p.draft_window, **(sampling or {}))
+    cap = plan.prompt_tokens + plan.max_new_tokens + G
     for who, mc in (("verifier", v), ("drafter", d)):
         if mc is not None and cap > mc.max_seq_len and (who == "verifier" or mc.attention != "bidirectional"):
             raise ConfigError(f"pair: prompt_tokens + max_new_tokens + gamma = {cap} exceeds the {who}'s "
                               f"max_seq_len={mc.max_seq_len}; lower pair.prompt_tokens / max_new_tokens")
+    return plan
+
+
+def decode_report(cfg: RunConfig, sampling: dict | None = None) -> Report:
+    """Per-device memory of speculative decoding with the pair of `cfg` (model = drafter, pair.verifier_config =
+    verifier); without a pair section, autoregressive decoding of `cfg.model` (`decode_plan`)."""
+    mesh, abstract = resolve_mesh(cfg)
+    rules = cfg.mesh.logical_axis_rules
+    plan = decode_plan(cfg, sampling)
+    v, d = plan.verifier, plan.drafter
+    B, P, N = plan.batch, plan.prompt_tokens, plan.max_new_tokens
+    G, K = plan.gamma, plan.num_drafts
+    cap = P + N + G
     rows, groups = [], []
     v_state = nnx.state(abstract_model(v))
     rows.append(("verifier parameters", _params_row(v_state, mesh, rules), f"{v.param_dtype}, frozen"))
@@ -345,7 +430,7 @@ def decode_report(cfg: RunConfig) -> Report:
         rows.append(("drafter parameters", _params_row(d_state, mesh, rules), f"{d.param_dtype}, frozen"))
         groups += [("drafter." + g, *rest) for g, *rest in _groups(d_state, mesh, rules)]
         if d.attention == "bidirectional":  # re-encodes a window each round: no cache
-            W = max(1, min(p.draft_window, P + N, d.max_seq_len - G))
+            W = max(1, min(plan.draft_window, P + N, d.max_seq_len - G))
             acts.append(("draft", activation_bytes(d, mesh, rules, rows=B * K, tokens=W + G, backward=False,
                                                    logits_tokens=G)))
         else:
@@ -372,25 +457,29 @@ def check(report: Report) -> None:
             "prompt_tokens), or bf16 parameters (model.param_dtype=bfloat16)")
 
 
-def run(cfg: RunConfig, mode: str, *, out=print, compiled: tuple[int, int] | None = None) -> Report:
+def run(cfg: RunConfig, mode: str, *, out=print, compiled: tuple[int, int] | None = None,
+        sampling: dict | None = None) -> Report:
     """Print the dry-run table of `mode` (train | decode) and raise DoesNotFit if it does not fit.
 
-    compiled: two small layer counts: also compile the train step at those depths on fake CPU devices and report
-    XLA's figure, extrapolated to the full depth, beside the estimate (compiled_memory.measure; the fit check
-    then uses it)."""
-    with _fast_abstract_init():
-        report = train_report(cfg) if mode == "train" else decode_report(cfg)
-    if compiled is not None and mode == "train":
-        from specdiff_jax.compiled_memory import measure
+    compiled: two small layer counts: also compile the train step (decode: the prefill and the decode loop) at
+    those depths on fake CPU devices and report XLA's figure, extrapolated to the full depth, beside the estimate
+    (compiled_memory.measure / measure_decode; the fit check then uses it). sampling: the decode plan's verifier
+    temperature / top_k / top_p (`decode_plan`)."""
+    from specdiff_jax import compiled_memory
 
-        report.compiled = measure(cfg, compiled)
+    with _fast_abstract_init():
+        report = train_report(cfg) if mode == "train" else decode_report(cfg, sampling)
+    if compiled is not None:
+        report.compiled = (compiled_memory.measure(cfg, compiled) if mode == "train" else
+                           compiled_memory.measure_decode(cfg, decode_plan(cfg, sampling), compiled))
     out(report.table())
     check(report)
     return report
 
 
-COMPILED_HELP = ("also compile the train step on fake CPU devices at two small layer counts (default 2,4) and "
-                 "report XLA's per-device figure, extrapolated to the full depth, beside the estimate")
+COMPILED_HELP = ("also compile the train step (decoding: the prefill and the decode loop) on fake CPU devices at "
+                 "two small layer counts (default 2,4) and report XLA's per-device figure, extrapolated to the full "
+                 "depth, beside the estimate")
 
 
 def compiled_layers(arg: str | None) -> tuple[int, int] | None:

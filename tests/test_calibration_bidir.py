@@ -226,3 +226,52 @@ def test_calibration_of_a_bidirectional_drafter_raises_held_out_streak_and_kerne
 
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parent.parent
+
+
+def _vocab_wide(jaxpr, V: int) -> list:
+    """Shapes of every value in `jaxpr` (sub-jaxprs included) of rank >= 3 whose last axis is the vocabulary."""
+    found = []
+    for eqn in jaxpr.eqns:
+        for v in eqn.outvars:
+            shape = getattr(v.aval, "shape", ())
+            if len(shape) >= 3 and shape[-1] == V:
+                found.append(shape)
+        for p in eqn.params.values():
+            for sub in (p if isinstance(p, (list, tuple)) else [p]):
+                inner = getattr(sub, "jaxpr", None)
+                if inner is not None:
+                    found += _vocab_wide(getattr(inner, "jaxpr", inner), V)
+    return found
+
+
+@pytest.mark.parametrize("layout", ["block_causal", "bidirectional"])
+def test_vocab_chunked_calibration_losses_equal_the_full_logits_path(layout):
+    """train.vocab_chunk > 0 (7: no chunk divides V): streak and mdlm (ce_streak reads the same lq as streak) score
+    the windows from the drafter's hidden states over vocabulary chunks. Loss, gradients and the streak statistics
+    equal the full-logits path, and the traced step holds no [..., V] array (the full path does: the check sees
+    logits)."""
+    base = dataclasses.replace(BCFG, intermediate_size=48)  # no activation as wide as the vocabulary
+    cfg = base if layout == "bidirectional" else dataclasses.replace(base, attention="block_causal", logit_shift=False)
+    graphdef, state = nnx.split(tiny(cfg, 0, std=0.3))
+    tok, seg = _batch()
+    batch = {"tokens": jnp.asarray(tok), "segment_ids": jnp.asarray(seg)}
+    rng = jax.random.PRNGKey(5)
+
+    def step(chunk):
+        S = {loss: C.Settings(loss=loss, gamma=G, stride=STRIDE, windows=NWIN, num_sampleable=V - 2, mask_id=MASK,
+                              draft_window=DRAFT_WINDOW, temperature=0.8, vocab_chunk=chunk)
+             for loss in ("streak", "mdlm")}
+        return lambda st: {k: jax.value_and_grad(lambda p: C.calibration_loss(s, nnx.merge(graphdef, p), batch, rng),
+                                                 has_aux=True)(st) for k, s in S.items()}
+
+    got, want = jax.jit(step(7))(state), jax.jit(step(0))(state)
+    for loss in got:
+        (lc, mc), gc = got[loss]
+        (lf, mf), gf = want[loss]
+        np.testing.assert_allclose(float(lc), float(lf), rtol=1e-5, atol=1e-6)
+        for k in ("expected_streak", "greedy_streak", "alpha_1", "alpha_last"):
+            np.testing.assert_allclose(float(mc[k]), float(mf[k]), rtol=1e-5, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(gc), jax.tree.leaves(gf)):
+            np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-6)
+    assert not _vocab_wide(jax.make_jaxpr(step(7))(state).jaxpr, V)
+    assert _vocab_wide(jax.make_jaxpr(step(0))(state).jaxpr, V)

@@ -3,6 +3,7 @@ dataset (docs/METHOD.md §6).
 
     python -m train.generate_data --config configs/calibrate/generate_tiny.yaml [key=value ...]
     python -m train.generate_data --config configs/pairs/dream7b_qwen2.5-72b.yaml --dry-run   # memory plan only
+    python -m train.generate_data --config configs/pairs/dream7b_qwen2.5-72b.yaml --dry-run --compiled  # + XLA's
 
 Reads the `generate` section (and `data.data_dir` / `data.tokenizer` for the corpus and tokenizer) of a run config
 (configs/defaults.yaml lists every key). Prompts are snippets of the corpus *train* split that overlap no
@@ -27,6 +28,7 @@ from specdiff_jax.config.run import load_config
 from specdiff_jax.data.corpus import CorpusError
 from specdiff_jax.data.generation import WORK, generate  # noqa: F401  WORK: the resumable work dir's name
 from specdiff_jax.data.verifier_data import DataOverlapError
+from specdiff_jax.dryrun import COMPILED_HELP, compiled_layers
 from specdiff_jax.tokenizer import TokenizerError
 
 
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--config", default=None, help="YAML run config with a generate section")
     p.add_argument("--dry-run", action="store_true", help="per-device memory of the verifier's generate calls on "
                    "the config's mesh (nothing allocated); exit 2 if it does not fit")
+    p.add_argument("--compiled", action="store_true", help=COMPILED_HELP)
+    p.add_argument("--compiled-layers", default="2,4", metavar="L1,L2", help="the two layer counts compiled")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides with dotted keys")
     args = p.parse_intermixed_args(argv)
     if args.dry_run:
@@ -64,9 +68,12 @@ def main(argv=None) -> int:
 
         try:
             cfg = generation_plan(load_config(args.config, args.overrides))
+            layers = compiled_layers(args.compiled_layers) if args.compiled else None
         except (ConfigError, FileNotFoundError) as e:
             return fail(e)
-        return run_program(lambda: dry_run(cfg, "decode"))[0] or 0
+        g = cfg.generate
+        sampling = dict(temperature=g.temperature, top_k=g.top_k, top_p=g.top_p)
+        return run_program(lambda: dry_run(cfg, "decode", compiled=layers, sampling=sampling))[0] or 0
     try:
         generate(load_config(args.config, args.overrides))
     except (ConfigError, DataOverlapError, CorpusError, CheckpointError, TokenizerError, FileNotFoundError,

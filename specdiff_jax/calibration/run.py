@@ -61,7 +61,7 @@ def settings(cfg, max_new_tokens: int, verifier=None):
                     windows_per_row=c.windows_per_row, temperature=c.temperature,
                     verifier_temperature=c.verifier_temperature, mdlm_t_min=cfg.train.mdlm_t_min,
                     num_sampleable=m.num_sampleable, mask_id=m.mask_token_id, draft_window=c.draft_window,
-                    pad_id=m.pad_token_id or 0, verifier_exclude=(verifier.cfg.mask_token_id,) if verifier is not None
+                    pad_id=m.pad_token_id or 0, vocab_chunk=cfg.train.vocab_chunk, verifier_exclude=(verifier.cfg.mask_token_id,) if verifier is not None
                     and verifier.cfg.mask_token_id is not None else ())
 
 

@@ -20,6 +20,10 @@ attending to all, rotary positions counted from the window's first token, and re
 (logit_shift False) or j-1 (True: q_1 comes from the last committed token). Calibration encodes each window
 exactly so: one row `[pad x (W-w) ; x_{t-w} .. x_{t-1} ; MASK x gamma]` with w = min(t, W) per window, the pads
 masked out as keys. The cost is windows x (W + gamma) tokens per row: use `calibrate.windows_per_row`.
+
+Both encodings give the drafter's hidden states at the G scored positions (`drafter_window_hidden`); with
+`train.vocab_chunk` set, the streak, ce_streak and mdlm losses score them over vocabulary chunks
+(`losses.chunked_target_logprobs`), so no [windows, G, V] logits exist in either pass.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ import jax
 import jax.numpy as jnp
 
 from specdiff_jax.cache import KVCache
-from specdiff_jax.calibration.losses import LOSSES, log_probs, target_logprobs, teacher_probs
+from specdiff_jax.calibration.losses import (LOSSES, chunked_target_logprobs, log_probs, target_logprobs,
+                                             teacher_probs)
 from specdiff_jax.config import ConfigError
 
 Array = jax.Array
@@ -103,9 +108,18 @@ def drafter_window_logits(drafter, tokens: Array, starts: Array, block: Array, *
                           pad_id: int = 0) -> Array:
     """Drafter logits f32[B, W, G, V] of the windows `[tokens[:t] ; block]` for every start t, in the drafter's
     inference encoding: block_causal (below) or bidirectional (`bidir_window_logits`, `draft_window`)."""
+    return drafter.logits(drafter_window_hidden(drafter, tokens, starts, block, draft_window=draft_window,
+                                                pad_id=pad_id))
+
+
+def drafter_window_hidden(drafter, tokens: Array, starts: Array, block: Array, *, draft_window: int = 512,
+                          pad_id: int = 0) -> Array:
+    """The drafter's last-layer outputs [B, W, G, D] (before the final norm and the LM head) at the positions
+    whose logits are q_1 .. q_G of each window: `drafter.logits` of them is `drafter_window_logits`;
+    `losses.chunked_target_logprobs` scores them over vocabulary chunks without [B, W, G, V] logits."""
     if drafter.cfg.attention == "bidirectional":
-        return bidir_window_logits(drafter, tokens, starts, block, draft_window=draft_window, pad_id=pad_id)
-    return _block_causal_window_logits(drafter, tokens, starts, block)
+        return _bidir_window_hidden(drafter, tokens, starts, block, draft_window=draft_window, pad_id=pad_id)
+    return _block_causal_window_hidden(drafter, tokens, starts, block)
 
 
 def bidir_window_logits(drafter, tokens: Array, starts: Array, block: Array, *, draft_window: int,
@@ -117,6 +131,13 @@ def bidir_window_logits(drafter, tokens: Array, starts: Array, block: Array, *, 
 
     tokens int32[B, L]; starts int32[B, W]; block int32[B, W, G]. One forward of B*W rows of Wc + G tokens.
     """
+    return drafter.logits(_bidir_window_hidden(drafter, tokens, starts, block, draft_window=draft_window,
+                                               pad_id=pad_id))
+
+
+def _bidir_window_hidden(drafter, tokens: Array, starts: Array, block: Array, *, draft_window: int,
+                         pad_id: int = 0) -> Array:
+    """`bidir_window_logits` before the final norm and the LM head: [B, W, G, D]."""
     cfg = drafter.cfg
     B, L = tokens.shape
     W, G = block.shape[1], block.shape[2]
@@ -132,12 +153,12 @@ def bidir_window_logits(drafter, tokens: Array, starts: Array, block: Array, *, 
     keys = jnp.concatenate([ok, jnp.ones((B * W, G), bool)], axis=1)
     mask = jnp.broadcast_to(keys[:, None, :], (B * W, Wc + G, Wc + G))
     first = Wc - 1 if cfg.logit_shift else Wc
-    logits, _, _ = drafter.forward(x, pos, mask, None, logits_from=first)
-    return logits[:, :G].reshape(B, W, G, -1)
+    h, _, _ = drafter.hidden_states(x, pos, mask, None)
+    return h[:, first: first + G].reshape(B, W, G, -1)
 
 
-def _block_causal_window_logits(drafter, tokens: Array, starts: Array, block: Array) -> Array:
-    """Block-causal drafter logits f32[B, W, G, V] of the windows `[tokens[:t] ; block]` for every start t.
+def _block_causal_window_hidden(drafter, tokens: Array, starts: Array, block: Array) -> Array:
+    """Block-causal drafter outputs [B, W, G, D] (before the final norm) of the windows `[tokens[:t] ; block]`.
 
     tokens int32[B, L]; starts int32[B, W]; block int32[B, W, G] (MASK tokens, or partly revealed targets for
     the mdlm loss). One causal forward gives the prefix keys/values (they do not depend on the block in the
@@ -147,12 +168,12 @@ def _block_causal_window_logits(drafter, tokens: Array, starts: Array, block: Ar
     W, G = block.shape[1], block.shape[2]
     pos = jnp.broadcast_to(jnp.arange(L, dtype=jnp.int32), (B, L))
     causal = jnp.tril(jnp.ones((L, L), bool))[None]
-    _, k, v = drafter.forward(tokens, pos, causal, None, compute_logits=False)
+    _, k, v = drafter.hidden_states(tokens, pos, causal, None)
     rep = lambda a: jnp.repeat(a, W, axis=1)  # noqa: E731  [layers, B*W, L, kv, hd]
     cache = KVCache.from_block(rep(k), rep(v), starts.reshape(B * W))
     bpos = (starts[:, :, None] + jnp.arange(G, dtype=jnp.int32)).reshape(B * W, G)
-    logits, _, _ = drafter.forward(block.reshape(B * W, G), bpos, jnp.ones((1, G, G), bool), cache)
-    return logits.reshape(B, W, G, -1)
+    h, _, _ = drafter.hidden_states(block.reshape(B * W, G), bpos, jnp.ones((1, G, G), bool), cache)
+    return h.reshape(B, W, G, -1)
 
 
 def verifier_window_logits(verifier, tokens: Array, positions: Array) -> Array:
@@ -185,6 +206,7 @@ class Settings:
     verifier_exclude: tuple[int, ...] = ()
     draft_window: int = 512  # bidirectional drafters: committed tokens re-encoded per window (as the Decoder's)
     pad_id: int = 0
+    vocab_chunk: int = 0  # train.vocab_chunk: > 0 scores streak / ce_streak / mdlm over vocabulary chunks
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -200,6 +222,8 @@ class Settings:
             raise ConfigError(f"calibrate.verifier_temperature={self.verifier_temperature!r} must be >= 0")
         if self.draft_window < 1:
             raise ConfigError(f"calibrate.draft_window={self.draft_window!r} must be a positive integer")
+        if self.vocab_chunk < 0:
+            raise ConfigError(f"train.vocab_chunk={self.vocab_chunk!r} must be >= 0 (0 = full logits)")
 
     @property
     def needs_verifier(self) -> bool:
@@ -215,37 +239,48 @@ def _select_windows(rng: Array, lay: dict, n: int) -> dict:
     return {k: take(v) for k, v in lay.items()}
 
 
+def _scored(s: Settings, drafter, tokens: Array, starts: Array, block: Array, targets: Array, *,
+            full: bool = False) -> tuple[Array, Array, Array | None]:
+    """(lq [B, W, G], greedy_match [B, W, G], logq [B, W, G, V] or None) of the windows `block` at `starts`.
+
+    With s.vocab_chunk > 0 and not `full`, lq and the argmax come from the drafter's hidden states through
+    `chunked_target_logprobs`: no [B, W, G, V] logits in either pass (logq is None)."""
+    enc = {"draft_window": s.draft_window, "pad_id": s.pad_id}
+    h = drafter_window_hidden(drafter, tokens, starts, block, **enc)
+    if s.vocab_chunk > 0 and not full:
+        lq, hit = chunked_target_logprobs(drafter, h, targets, s.temperature, num_sampleable=s.num_sampleable,
+                                          exclude=(s.mask_id,), chunk=s.vocab_chunk)
+        return lq, hit, None
+    logq = log_probs(drafter.logits(h), s.temperature, num_sampleable=s.num_sampleable, exclude=(s.mask_id,))
+    return target_logprobs(logq, targets), jnp.argmax(logq, -1) == targets, logq
+
+
 def window_forward(s: Settings, drafter, tokens: Array, segment_ids: Array, rng: Array | None = None,
                    verifier=None) -> dict[str, Array]:
-    """Everything the losses need for one batch, flattened to N = B*W windows: lq, logq, valid, targets,
-    (mdlm: masked, t), (kd: p)."""
+    """Everything the losses need for one batch, flattened to N = B*W windows: lq, valid, targets, greedy_match,
+    (mdlm: lq_noisy, masked, t), (kd: p, logq). With s.vocab_chunk > 0 the streak, ce_streak and mdlm losses never
+    build [N, G, V] logits (the kd losses need whole distributions and build them)."""
     lay = window_layout(tokens, segment_ids, gamma=s.gamma, stride=s.stride, windows=s.windows)
     r_sel, r_mask = jax.random.split(rng if rng is not None else jax.random.PRNGKey(0))
     if 0 < s.windows_per_row < s.windows:
         lay = _select_windows(r_sel, lay, s.windows_per_row)
     B, W, G = lay["targets"].shape
+    N = B * W
     block = jnp.full((B, W, G), s.mask_id, jnp.int32)
-    enc = {"draft_window": s.draft_window, "pad_id": s.pad_id}
     out = {}
     if s.loss == "mdlm":
-        n = B * W
-        u = (jax.random.uniform(jax.random.fold_in(r_mask, 0), ()) + jnp.arange(n)) / n
+        u = (jax.random.uniform(jax.random.fold_in(r_mask, 0), ()) + jnp.arange(N)) / N
         u = jax.random.permutation(jax.random.fold_in(r_mask, 1), u)
         t = (s.mdlm_t_min + (1.0 - s.mdlm_t_min) * u).reshape(B, W)
         masked = jax.random.uniform(jax.random.fold_in(r_mask, 2), (B, W, G)) < t[..., None]
         noisy = jnp.where(masked, s.mask_id, lay["targets"])
-        lg = drafter_window_logits(drafter, tokens, lay["starts"], noisy, **enc)
-        lqn = target_logprobs(log_probs(lg, s.temperature, num_sampleable=s.num_sampleable,
-                                        exclude=(s.mask_id,)), lay["targets"])
-        out.update(lq_noisy=lqn.reshape(n, G), masked=masked.reshape(n, G), t=t.reshape(n))
-    lg = drafter_window_logits(drafter, tokens, lay["starts"], block, **enc)
+        lqn, _, _ = _scored(s, drafter, tokens, lay["starts"], noisy, lay["targets"])
+        out.update(lq_noisy=lqn.reshape(N, G), masked=masked.reshape(N, G), t=t.reshape(N))
+    lq, hit, logq = _scored(s, drafter, tokens, lay["starts"], block, lay["targets"], full=s.needs_verifier)
     if s.loss == "mdlm":
-        lg = jax.lax.stop_gradient(lg)  # statistics only
-    logq = log_probs(lg, s.temperature, num_sampleable=s.num_sampleable, exclude=(s.mask_id,))
-    lq = target_logprobs(logq, lay["targets"])
-    N = B * W
+        lq = jax.lax.stop_gradient(lq)  # the MASK-only pass: statistics only
     out.update(lq=lq.reshape(N, G), valid=lay["valid"].reshape(N, G), targets=lay["targets"].reshape(N, G),
-               greedy_match=(jnp.argmax(logq, -1) == lay["targets"]).reshape(N, G))
+               greedy_match=hit.reshape(N, G))
     if s.needs_verifier:
         if verifier is None:
             raise ConfigError(f"calibrate.loss={s.loss} needs the verifier (calibrate.verifier=<model dir>)")
