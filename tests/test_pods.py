@@ -91,6 +91,51 @@ def test_benchmark_mesh_settings_shard_the_decoder_on_8_devices(tmp_path):
     assert r["[]"]["tokens"] == r["[-1,4,2]"]["tokens"]
 
 
+_GEN_MESH = textwrap.dedent("""
+    import json, os, sys, types
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_backend_optimization_level=0"
+    from pathlib import Path
+    import jax, numpy as np
+    from specdiff_jax import load_pretrained
+    from specdiff_jax.config.run import load_config
+    from specdiff_jax.data import generation as gen
+    assert jax.device_count() == 4
+    cfg = load_config(None, ["mesh.data=1", "mesh.fsdp=2", "mesh.tensor=2", "generate.batch_size=4",
+                             "generate.max_new_tokens=8", "generate.temperature=0.0", "generate.progress_bar=false"])
+    v = load_pretrained("assets/tiny/verifier")
+    prompts = [types.SimpleNamespace(ids=[5 + i, 6, 7 + i]) for i in range(6)]
+    rows = [(i, 0) for i in range(6)]
+    mesh = gen.decode_mesh(cfg)
+    out = {"axes": dict(mesh.shape), "placed": []}
+    Decoder = gen.Decoder
+    def recording(*a, **k):  # the Decoder the generation builds: where its verifier's parameters live
+        dec = Decoder(*a, **k)
+        sh = dec._vstate["layers"][0]["self_attn"]["q_proj"].get_value().sharding
+        out["placed"].append(len(sh.device_set))
+        return dec
+    gen.Decoder = recording
+    for name, m in (("one", None), ("mesh", mesh)):
+        work = Path(sys.argv[1]) / name
+        work.mkdir()
+        gen._sample_chunks(cfg.generate, v, types.SimpleNamespace(eos_id=None), prompts, rows, work, mesh=m)
+        out[name] = {p.name: np.load(p)["tokens"].tolist() for p in sorted(work.glob("chunk_*.npz"))}
+    open(Path(sys.argv[1]) / "out.json", "w").write(json.dumps(out))
+""")
+
+
+@pytest.mark.multidevice
+def test_data_generation_decodes_on_the_run_mesh(tmp_path):
+    """With more than one device, train.generate_data decodes on the run's mesh (the verifier split by its
+    logical axes, as its dry run plans); greedy completions equal one device's, chunk by chunk."""
+    proc = subprocess.run([sys.executable, "-c", _GEN_MESH, str(tmp_path)], cwd=ROOT, capture_output=True,
+                          text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads((tmp_path / "out.json").read_text())
+    assert r["axes"] == {"data": 1, "fsdp": 2, "tensor": 2}
+    assert r["placed"] == [1, 4]  # the verifier's weights on one device, then split over the mesh
+    assert len(r["one"]) == 2 and r["one"] == r["mesh"]
+
+
 def test_benchmark_mesh_setting_is_checked():
     from eval.benchmark import BenchError, load_bench_config
 

@@ -98,7 +98,7 @@ def generate(cfg, *, verifier=None, tokenizer=None, log=print) -> Path:
         f"skipped) in {time.perf_counter() - t0:.1f}s")
     rows = [(i, s) for i in range(len(prompts)) for s in range(g.samples_per_prompt)]
     n_batches = -(-len(rows) // g.batch_size)
-    t_gen = _sample_chunks(g, verifier, tokenizer, prompts, rows, work)
+    t_gen = _sample_chunks(g, verifier, tokenizer, prompts, rows, work, mesh=decode_mesh(cfg))
     records = _records(prompts, n_batches, work, vd.assign_splits(len(prompts), g.validation_fraction))
     lengths = np.asarray([len(r["completion"]) for r in records])
     prov = {
@@ -131,13 +131,23 @@ def _claim_work_dir(work: Path, run_hash: str, settings: dict, vinfo: dict) -> N
         state_file.write_text(json.dumps({"run_hash": run_hash, "settings": settings, "verifier": vinfo}, indent=2))
 
 
-def _sample_chunks(g, verifier, tokenizer, prompts, rows: list[tuple[int, int]], work: Path) -> float:
+def decode_mesh(cfg):
+    """The mesh the verifier decodes on: the run's `mesh` section over every device when there is more than one
+    (the verifier's parameters split by their logical axes, as the data-generation dry run plans), else None."""
+    if jax.device_count() == 1:
+        return None
+    from specdiff_jax import sharding as shd
+
+    return shd.make_mesh(cfg.mesh)
+
+
+def _sample_chunks(g, verifier, tokenizer, prompts, rows: list[tuple[int, int]], work: Path, mesh=None) -> float:
     """Sample every (prompt, sample) row in batches, each saved at once as work/chunk_<b>.npz (a finished chunk
-    is skipped on a rerun). Returns the seconds spent decoding."""
+    is skipped on a rerun). Returns the seconds spent decoding. `mesh`: decode sharded over it."""
     B = g.batch_size
     n_batches = -(-len(rows) // B)
     dec = Decoder(verifier, method="ar", max_new_tokens=g.max_new_tokens, temperature=g.temperature, top_k=g.top_k,
-                  top_p=g.top_p, eos_id=tokenizer.eos_id)
+                  top_p=g.top_p, eos_id=tokenizer.eos_id, mesh=mesh)
     done = {int(p.stem.split("_")[1]) for p in work.glob("chunk_*.npz")}
     bar = None
     if g.progress_bar:
