@@ -1,19 +1,28 @@
 """The cost model of a verifier-drafter pair on a device: what a decode round costs, measured or predicted.
 
-A speculative round costs one verifier forward over Q = K * (gamma + 1) query tokens against the KV cache, the
-drafter's forwards, and a fixed part outside the models (sampling, cache and sequence writes, bookkeeping):
+A speculative round costs one verifier forward over Q = K * (gamma + 1) query tokens against the KV cache (the
+kernel verifies K chains as ONE sequence with a block-diagonal causal mask, so this is the verifier's cost at that
+Q), the drafter's forwards, and a part outside the models (sampling, selection, acceptance, cache and sequence
+writes, bookkeeping):
 
-    t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_rest(kind, K * (gamma + 1))
+    t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_rest(kind, gamma, K, temperatures)
+    t_rest  = a + b * (gamma + 1) + c * (K - 1) * (gamma + 1)        [+ sampling terms at temperature > 0]
+
+The rest is not proportional to Q: the K chains share one drafter forward and one set of step-1 marginals, so a
+chain beyond the first costs c (its drafts' sampling, its verified positions' probabilities, selection), measured
+on a K > 1 decode, not b.
 
 and a decode call adds a fixed `call_ms` (starting the loop, its output buffers, the final statistics), which
 short decodes feel: a call of R rounds costs call_ms + R * t_round.
 
 `measure` times the real forwards on this device (bare `Transformer.forward` calls inside a jitted loop, so
-dispatch is excluded), and the part of a round outside the forwards from short real decodes: `ar` at two decode
-lengths (the difference is the per-step cost, the rest the per-call cost), and each speculative drafter kind at
-two draft lengths, fitted linearly in the number of verified positions. The result is
-cached on disk under a key of the device kind, the models' fingerprints, the batch and the context bucket, so
-another device or another model never reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
+dispatch is excluded), and the part of a round outside the forwards from short real decodes (`OVERHEAD_POINTS`):
+`ar` at two decode lengths (the difference is the per-step cost, the rest the per-call cost), each speculative
+drafter kind at two draft lengths and the block drafter once with K > 1 drafts, and both at temperature 1 once
+(sampling's extra cost). One more decode per kind that no fit used (`VALIDATION_POINTS`) measures the model's own
+prediction error, `error`, which the planner takes as its margin. The result is cached on disk under a key of the
+device kind, the models' fingerprints, the batch and the context bucket, so another device or another model never
+reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
 bandwidth in `ACCELERATORS`), to ask what a pair would do on hardware one does not have.
 """
 
@@ -36,6 +45,14 @@ from specdiff_jax.timing import time_forward
 
 VERIFIER_QS = (1, 2, 3, 5, 9, 17, 33, 65)
 DRAFTER_QS = (2, 3, 5, 9, 17, 33)
+CACHE_VERSION = "v4"  # bump whenever what `measure` records changes
+# per drafter kind: (method, gamma, K) of the greedy decodes the rest of a round is fitted on
+OVERHEAD_POINTS = {"ar": (("sps", 2, 1), ("sps", 8, 1)),
+                   "block": (("specdiff2", 2, 1), ("specdiff2", 8, 1), ("specdiff2", 4, 4))}
+SAMPLED_POINT = ("sps", 8, 1)  # timed again at temperature 1: what sampling adds per drafted token
+VALIDATION_POINTS = {"ar": ("sps", 4, 1), "block": ("specdiff2", 2, 4)}  # held out: the model's prediction error
+MIN_ERROR = 0.05  # the error never claimed below this (repeated timings of one decode spread about this much)
+ANALYTIC_ERROR = 0.15  # analytic models are not checked against any timing: the error the issue allows a model
 # name -> (peak dense bf16 FLOP/s, memory bandwidth bytes/s, fixed per-round overhead in ms), per chip
 ACCELERATORS = {
     "tpu-v5e": (197e12, 819e9, 0.05),
@@ -95,9 +112,15 @@ class CostModel:
     drafter_ms: dict  # kind -> ms
     fixed_ms: float  # ar: ms per step outside the verifier forward
     window: int = 0  # bidirectional drafters: committed tokens re-encoded per round
-    # speculative rounds, per drafter kind: ms outside the modelled forwards = a + b * (verified positions)
+    # speculative rounds, per drafter kind: ms outside the modelled forwards
+    # = a + b * (gamma + 1) + c * (K - 1) * (gamma + 1)  (a, b, c)
     overhead: dict = dataclasses.field(default_factory=dict)
     call_ms: float = 0.0  # per decode call, whatever its length
+    # what sampling adds: ms per round when the verifier samples (temperature > 0), ms per token an AR drafter
+    # samples (draft temperature > 0)
+    sampled_round_ms: float = 0.0
+    sampled_draft_ms: float = 0.0
+    error: float = 0.0  # relative error of the modelled round time on decodes the fits did not use
 
     def call_ms_per_round(self, new_tokens: int, expected_tokens: float) -> float:
         """The per-call cost spread over the rounds of a `new_tokens` decode emitting `expected_tokens` a round."""
@@ -116,16 +139,26 @@ class CostModel:
             return f(2 * gamma + 1) + (min(steps, gamma) - 1) * f(num_drafts * gamma)
         return min(steps, gamma) * f(self.window + gamma) * (num_drafts if steps > 1 else 1)  # bidir
 
-    def round_overhead_ms(self, kind: str, q: int) -> float:
-        """ms of a round outside the models' forwards (sampling, acceptance, cache and sequence writes)."""
+    def round_overhead_ms(self, kind: str, gamma: int = 0, num_drafts: int = 1, temperature: float = 0.0,
+                          draft_temperature: float = 0.0) -> float:
+        """ms of a round outside the models' forwards (sampling, selection, acceptance, cache and sequence writes)."""
+        sampled = self.sampled_round_ms if temperature > 0 else 0.0
         if kind == "none" or kind not in self.overhead:
-            return self.fixed_ms
-        a, b = self.overhead[kind]
-        return max(self.fixed_ms, a + b * q)
+            return self.fixed_ms + sampled
+        a, b, c = (tuple(self.overhead[kind]) + (0.0,))[:3]
+        rest = a + b * (gamma + 1) + c * (num_drafts - 1) * (gamma + 1)
+        if kind == "ar" and draft_temperature > 0:
+            rest += self.sampled_draft_ms * gamma
+        return max(self.fixed_ms, rest) + sampled
 
-    def round_ms(self, kind: str, gamma: int, num_drafts: int = 1, steps: int = 1) -> float:
-        q = 1 if kind == "none" else num_drafts * (gamma + 1)
-        return self.verify_ms(q) + self.draft_ms(kind, gamma, num_drafts, steps) + self.round_overhead_ms(kind, q)
+    def verify_q(self, kind: str, gamma: int, num_drafts: int = 1) -> int:
+        """Query tokens of a round's verifier forward: K chains of gamma + 1 in one sequence (1 for ar)."""
+        return 1 if kind == "none" else num_drafts * (gamma + 1)
+
+    def round_ms(self, kind: str, gamma: int, num_drafts: int = 1, steps: int = 1, temperature: float = 0.0,
+                 draft_temperature: float = 0.0) -> float:
+        return (self.verify_ms(self.verify_q(kind, gamma, num_drafts)) + self.draft_ms(kind, gamma, num_drafts, steps)
+                + self.round_overhead_ms(kind, gamma, num_drafts, temperature, draft_temperature))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,12 +172,16 @@ class CostModel:
         return cls(**d)
 
 
-def _call_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, n: int = 64) -> tuple[float, int]:
-    """Median ms of a greedy `n`-token decode call at this context (drafts argmax), and its rounds."""
+def _call_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, n: int = 64, *, num_drafts: int = 1,
+             temperature: float = 0.0) -> tuple[float, int]:
+    """Median ms of an `n`-token decode call at this context, and its rounds. Greedy with argmax drafts at
+    temperature 0 (K > 1 drafts at draft temperature 1: K argmax drafts would be K copies of one); at temperature
+    > 0 the drafts are sampled at that temperature."""
     prompt_len = max(1, min(ctx, verifier.cfg.max_seq_len - n - gamma - 1) - n // 2)
     prompts = [[3 + (i * 7 + b) % 50 for i in range(prompt_len)] for b in range(batch)]
+    dt = temperature if temperature > 0 else (1.0 if num_drafts > 1 else 0.0)
     dec = Decoder(verifier, drafter, method=method, max_new_tokens=n, eos_id=None, gamma=max(gamma, 1),
-                  draft_temperature=0.0)
+                  num_drafts=num_drafts, temperature=temperature, draft_temperature=dt)
     state = dec.prefill(prompts)
     jax.block_until_ready(dec.decode_raw(state, 0))
     ts, rounds = [], 1
@@ -159,24 +196,62 @@ def _call_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, n
     return 1e3 * statistics.median(ts), rounds
 
 
-def _round_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, call_ms: float) -> float:
-    """Measured ms per round of a short greedy decode, its per-call cost taken out."""
-    t, rounds = _call_ms(verifier, drafter, method, gamma, batch, ctx)
-    return max(t - call_ms, 0.0) / rounds
+def _round_ms(cm: "CostModel", verifier, drafter, point: tuple, temperature: float = 0.0) -> float:
+    """Measured ms per round of a short decode at `point` = (method, gamma, K), its per-call cost taken out."""
+    method, g, k = point
+    t, rounds = _call_ms(verifier, drafter, method, g, cm.batch, cm.ctx, num_drafts=k, temperature=temperature)
+    return max(t - cm.call_ms, 0.0) / rounds
 
 
-def _overheads(cm: "CostModel", verifier, drafters: dict, batch: int) -> dict:
-    """Per drafter kind, (a, b) with a round's time outside the modelled forwards = a + b * (gamma + 1), fitted
-    on two measured gammas."""
+def _rest_ms(cm: "CostModel", kind: str, verifier, drafter, point: tuple, temperature: float = 0.0) -> float:
+    """ms of a measured round at `point` outside the modelled forwards."""
+    _, g, k = point
+    return (_round_ms(cm, verifier, drafter, point, temperature) - cm.verify_ms(cm.verify_q(kind, g, k))
+            - cm.draft_ms(kind, g, k))
+
+
+def _overheads(cm: "CostModel", verifier, drafters: dict) -> dict:
+    """Per drafter kind, (a, b, c) with a round's time outside the modelled forwards
+    = a + b * (gamma + 1) + c * (K - 1) * (gamma + 1), solved on the decodes of OVERHEAD_POINTS (c = 0 where only
+    K = 1 is timed)."""
     out = {}
-    for kind, method in (("ar", "sps"), ("block", "specdiff2")):
+    for kind, points in OVERHEAD_POINTS.items():
         if kind not in drafters:
             continue
-        pts = [(g + 1, _round_ms(verifier, drafters[kind], method, g, batch, cm.ctx, cm.call_ms)
-                - cm.verify_ms(g + 1) - cm.draft_ms(kind, g)) for g in (2, 8)]
-        b = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
-        out[kind] = (pts[0][1] - b * pts[0][0], b)
+        x = np.array([[1.0, g + 1.0, (k - 1.0) * (g + 1.0)] for _, g, k in points])
+        y = np.array([_rest_ms(cm, kind, verifier, drafters[kind], p) for p in points])
+        cols = [0, 1, 2] if np.any(x[:, 2]) else [0, 1]
+        coef = np.zeros(3)
+        coef[cols] = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
+        out[kind] = tuple(float(v) for v in coef)
     return out
+
+
+def _sampling(cm: "CostModel", verifier, drafters: dict, step_ms: float) -> tuple[float, float]:
+    """(ms a round adds when the verifier samples, ms per token an AR drafter samples): an ar decode and the
+    SAMPLED_POINT decode timed again at temperature 1."""
+    t, rounds = _call_ms(verifier, None, "ar", 0, cm.batch, cm.ctx, temperature=1.0)
+    per_round = max(0.0, (t - cm.call_ms) / rounds - step_ms)
+    per_draft = 0.0
+    if "ar" in drafters:
+        _, g, k = SAMPLED_POINT
+        greedy = cm.round_overhead_ms("ar", g, k)
+        sampled = _rest_ms(cm, "ar", verifier, drafters["ar"], SAMPLED_POINT, temperature=1.0)
+        per_draft = max(0.0, (sampled - greedy - per_round) / g)
+    return per_round, per_draft
+
+
+def _validation_error(cm: "CostModel", verifier, drafters: dict) -> float:
+    """The largest relative error of the modelled round time on the VALIDATION_POINTS decodes (no fit used them),
+    at least MIN_ERROR."""
+    errs = [MIN_ERROR]
+    for kind, point in VALIDATION_POINTS.items():
+        if kind in drafters:
+            _, g, k = point
+            measured = _round_ms(cm, verifier, drafters[kind], point)
+            modelled = cm.round_ms(kind, g, k, draft_temperature=1.0 if k > 1 else 0.0)
+            errs.append(abs(modelled / max(measured, 1e-9) - 1.0))
+    return float(max(errs))
 
 
 def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int = 256, use_cache: bool = True,
@@ -185,7 +260,7 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
     in ar | block | bidir) on this device at `batch` rows and a context of about `ctx` tokens."""
     drafters = drafters or {}
     ctx = ctx_bucket(ctx)
-    key = "_".join(["v3", device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
+    key = "_".join([CACHE_VERSION, device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
                     *[f"{k}-{fingerprint(m)}" for k, m in sorted(drafters.items())], f"b{batch}", f"c{ctx}"])
     path = cache_dir() / "cost" / f"{key}.json"
     if use_cache and path.is_file():
@@ -210,13 +285,16 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
             dcap = min(m.cfg.max_seq_len, ctx + max(qs))
             dq[kind] = qs
             dms[kind] = tuple(1e3 * time_forward(m, batch, q, dcap, min(length, dcap - max(qs))) for q in qs)
-    say("cost model: timing the fixed part of a round")
+    say("cost model: timing the part of a round outside the forwards")
     (short, r_short), (long, r_long) = (_call_ms(verifier, None, "ar", 0, batch, ctx, n) for n in (16, 64))
     step = max(long - short, 1e-6) / max(r_long - r_short, 1)
     fixed = max(0.0, step - vms[0])
     cm = CostModel("measured", device_kind(), batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window,
                    call_ms=max(0.0, short - r_short * step))
-    cm.overhead = _overheads(cm, verifier, drafters, batch)
+    cm.overhead = _overheads(cm, verifier, drafters)
+    cm.sampled_round_ms, cm.sampled_draft_ms = _sampling(cm, verifier, drafters, step)
+    say("cost model: checking its predictions on held-out decodes")
+    cm.error = _validation_error(cm, verifier, drafters)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -255,4 +333,5 @@ def analytic(verifier_cfg, drafter_cfgs: dict | None = None, *, accelerator: str
         else:
             qs = (1,) + DRAFTER_QS if kind == "ar" else DRAFTER_QS
             dq[kind], dms[kind] = qs, tuple(_forward_ms(cfg, batch, q, ctx + q, peak, bw) for q in qs)
-    return CostModel(f"analytic:{accelerator}", accelerator, batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window)
+    return CostModel(f"analytic:{accelerator}", accelerator, batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window,
+                     error=ANALYTIC_ERROR)
