@@ -255,3 +255,14 @@ def test_cost_model_error_is_measured_on_held_out_decodes(models, tmp_path, monk
     _fake_decodes(monkeypatch, off=((method, g, k), 1.2))
     cm = cost.measure(models["v"], {"block": models["block"]}, batch=1, ctx=32)
     assert cm.error == pytest.approx(1.0 - 1.0 / 1.2)  # modelled / measured - 1
+
+
+def test_cost_model_slopes_are_never_negative(models, tmp_path, monkeypatch):
+    """Noise that makes gamma 8 look cheaper than gamma 2 outside the forwards: the slope is 0, not negative, so
+    long drafts are never predicted cheaper than their forwards."""
+    monkeypatch.setenv("SPECDIFF_JAX_CACHE", str(tmp_path))
+    _fake_decodes(monkeypatch, rest=(2.0, -0.1, 0.05))
+    cm = cost.measure(models["v"], {"block": models["block"]}, batch=1, ctx=32)
+    a, b, c = cm.overhead["block"]
+    assert b == 0.0 and c >= 0.0 and a > 0.0
+    assert cm.round_overhead_ms("block", 64, 4) >= cm.round_overhead_ms("block", 2, 1)

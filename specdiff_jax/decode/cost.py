@@ -213,7 +213,8 @@ def _rest_ms(cm: "CostModel", kind: str, verifier, drafter, point: tuple, temper
 def _overheads(cm: "CostModel", verifier, drafters: dict) -> dict:
     """Per drafter kind, (a, b, c) with a round's time outside the modelled forwards
     = a + b * (gamma + 1) + c * (K - 1) * (gamma + 1), solved on the decodes of OVERHEAD_POINTS (c = 0 where only
-    K = 1 is timed)."""
+    K = 1 is timed). More positions never cost less: a negative slope is timing noise, which extrapolated to long
+    drafts would predict rounds cheaper than their forwards, so that slope is set to 0 and the rest refitted."""
     out = {}
     for kind, points in OVERHEAD_POINTS.items():
         if kind not in drafters:
@@ -221,8 +222,13 @@ def _overheads(cm: "CostModel", verifier, drafters: dict) -> dict:
         x = np.array([[1.0, g + 1.0, (k - 1.0) * (g + 1.0)] for _, g, k in points])
         y = np.array([_rest_ms(cm, kind, verifier, drafters[kind], p) for p in points])
         cols = [0, 1, 2] if np.any(x[:, 2]) else [0, 1]
-        coef = np.zeros(3)
-        coef[cols] = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
+        while True:
+            coef = np.zeros(3)
+            coef[cols] = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
+            negative = [j for j in cols[1:] if coef[j] < 0]
+            if not negative:
+                break
+            cols.remove(negative[0])
         out[kind] = tuple(float(v) for v in coef)
     return out
 
