@@ -166,7 +166,7 @@ def test_cost_model_cache_is_keyed_by_device_and_model(models, tmp_path, monkeyp
     calls = []
     real = cost.time_forward
     monkeypatch.setattr(cost, "time_forward", lambda *a, **k: calls.append(a[2]) or real(*a, reps=2, **k))
-    monkeypatch.setattr(cost, "_call_ms", lambda *a, **k: (2.0 * a[-1], a[-1]))
+    monkeypatch.setattr(cost, "_decode_timer", lambda *a, **k: lambda: (2.0 * a[-1], a[-1]))
     cm = cost.measure(models["v"], batch=1, ctx=32)
     assert len(calls) == len(cost.VERIFIER_QS) and all(m > 0 for m in cm.verifier_ms)
     cost.measure(models["v"], batch=1, ctx=32)
@@ -219,7 +219,7 @@ def _fake_decodes(monkeypatch, call=7.0, step=1.5, rest=(0.4, 0.1, 0.05), sample
         return call + 10 * r, 10
 
     monkeypatch.setattr(cost, "time_forward", lambda m, b_, q, *a_, **k: 1e-3 * (1.0 + 0.1 * (q - 1)))
-    monkeypatch.setattr(cost, "_call_ms", fake_call_ms)
+    monkeypatch.setattr(cost, "_decode_timer", lambda *a_, **k: lambda: fake_call_ms(*a_, **k))
 
 
 # the drafters' modelled forwards under the fake time_forward (0.1 ms per query above 1 ms)
