@@ -266,3 +266,19 @@ def test_cost_model_slopes_are_never_negative(models, tmp_path, monkeypatch):
     a, b, c = cm.overhead["block"]
     assert b == 0.0 and c >= 0.0 and a > 0.0
     assert cm.round_overhead_ms("block", 64, 4) >= cm.round_overhead_ms("block", 2, 1)
+
+
+def test_cost_model_times_its_decodes_in_turn(monkeypatch):
+    """All decodes are compiled before any is timed, then timed one call each in turn (a load change mid-way
+    slows every setting alike instead of the ones timed last)."""
+    events = []
+
+    def fake_timer(verifier, drafter, method, gamma, *a, **k):
+        events.append(("compile", gamma))
+        return lambda: events.append(("time", gamma)) or (float(gamma), 1)
+
+    monkeypatch.setattr(cost, "_decode_timer", fake_timer)
+    settings = {"x": ("none", "ar", 1, 1, 0.0, 16), "y": ("none", "ar", 2, 1, 0.0, 16)}
+    out = cost._time_decodes(None, {}, settings, 1, 64, repeats=3)
+    assert events == [("compile", 1), ("compile", 2)] + [("time", 1), ("time", 2)] * 3
+    assert out == {"x": (1.0, 1), "y": (2.0, 1)}
