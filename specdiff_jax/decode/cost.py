@@ -10,17 +10,15 @@ writes, bookkeeping):
 
 The rest is not proportional to Q: the K chains share one drafter forward and one set of step-1 marginals, so a
 chain beyond the first costs c (its drafts' sampling, its verified positions' probabilities, selection), measured
-on a K > 1 decode, not b.
-
-and a decode call adds a fixed `call_ms` (starting the loop, its output buffers, the final statistics), which
+on a K > 1 decode, not b. A decode call adds a fixed `call_ms` (starting the loop, its output buffers, the final statistics), which
 short decodes feel: a call of R rounds costs call_ms + R * t_round.
 
 `measure` times the real forwards on this device (bare `Transformer.forward` calls inside a jitted loop, so
 dispatch is excluded), and the part of a round outside the forwards from short real decodes (`OVERHEAD_POINTS`,
 all compiled first and then timed in turn, so that a change in the machine's load hits every setting alike):
 `ar` at two decode lengths (the difference is the per-step cost, the rest the per-call cost), each speculative
-drafter kind at two draft lengths and the block drafter once with K > 1 drafts, and both at temperature 1 once
-(sampling's extra cost). One more decode per kind that no fit used (`VALIDATION_POINTS`) measures the model's own
+drafter kind at two draft lengths and the block drafter once with K > 1 drafts, and `ar` and the AR drafter at
+temperature 1 once (sampling's extra cost). One more decode per kind that no fit used (`VALIDATION_POINTS`) measures the model's own
 prediction error, `error`, which the planner takes as its margin. The result is cached on disk under a key of the
 device kind, the models' fingerprints, the batch and the context bucket, so another device or another model never
 reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
