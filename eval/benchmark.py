@@ -312,9 +312,10 @@ def _predicted(dec, cm: cost.CostModel, agg: dict, total_decode: float) -> dict:
     K, T = dec.num_drafts, dec.denoise_steps
     rounds = agg.get("gamma_rounds") or {dec.gamma: agg["verifier_calls"]}
     kind = dec.dkind
-    verify = sum(n * cm.verify_ms(1 if kind == "none" else K * (g + 1)) for g, n in rounds.items())
+    verify = sum(n * cm.verify_ms(cm.verify_q(kind, g, K)) for g, n in rounds.items())
     draft = sum(n * cm.draft_ms(kind, g, K, T) for g, n in rounds.items())
-    rest = sum(n * cm.round_overhead_ms(kind, 1 if kind == "none" else K * (g + 1)) for g, n in rounds.items())
+    rest = sum(n * cm.round_overhead_ms(kind, g, K, dec.temperature, dec.draft_temperature)
+               for g, n in rounds.items())
     model_s = 1e-3 * (verify + draft + rest + agg["calls"] * cm.call_ms)
     pred = agg["tokens"] / model_s if model_s > 0 else None
     return {"predicted_tokens_per_s": pred, "verify_share": 1e-3 * verify / total_decode,
@@ -603,7 +604,9 @@ def _sweep_settings(cfg: BenchConfig, method: str, temperature: float) -> list[d
         if s.get("denoise_steps", 1) > s["gamma"] or (method == "specdiff" and s.get("denoise_steps", 1) > 1
                                                        and s["num_drafts"] > 1):
             continue
-        rules = cfg.specdiff2_rules if method == "specdiff2" and temperature > 0 and s["num_drafts"] > 1 else (None,)
+        # the main table reports every rule; the sweep tunes the main one (the others rarely change the ranking)
+        rules = cfg.specdiff2_rules[:1] if method == "specdiff2" and temperature > 0 and s["num_drafts"] > 1 \
+            else (None,)
         for rule in rules:
             out.append({k: v for k, v in dict(s, acceptance=rule).items() if v is not None})
     return out
@@ -695,7 +698,8 @@ def run(cfg: BenchConfig, out: Path, *, config_path: str | None = None) -> dict:
               "notes": notes, "prompts": [{"id": p["id"], "source": p["source"], "tokens": len(p["ids"])}
                                           for p in prompts],
               "rows": rows, "scaling": scaling, "budget": budget_rows, "pass_at_1": passes,
-              "best_settings": best_settings(rows), "cost_models": {b: cm.to_json() for b, cm in cms.items()}}
+              "best_settings": best_settings(rows), "cost_models": {b: cm.to_json() for b, cm in cms.items()},
+              "prediction_error": prediction_error(rows)}
     (out / "results.json").write_text(json.dumps(result, indent=1))
     plots = write_plots(out, rows, budget_rows)
     (out / "results.md").write_text(render_markdown(result, plots))
@@ -746,8 +750,9 @@ def _auto_lines(rows: list[dict]) -> list[str]:
     for r in rows:
         if r["method"] == "auto" and r.get("plan"):
             pl = r["plan"]
-            out.append(f"- T={r['temperature']:g}, batch {r['batch']}: chose **{r['choice']}**; planner predicted "
-                       f"{pl['predicted_tokens_per_s']:.0f} tokens/s ({pl['expected_tokens']:.2f} tokens per "
+            why = f": {pl['reason']}" if pl.get("reason") else ""
+            out.append(f"- T={r['temperature']:g}, batch {r['batch']}: chose **{r['choice']}**{why}; planner "
+                       f"predicted {pl['predicted_tokens_per_s']:.0f} tokens/s ({pl['expected_tokens']:.2f} tokens per "
                        f"{pl['round_ms']:.2f} ms round), measured {r['tokens_per_s']:.0f} "
                        f"({r['speedup_vs_ar']:.2f}x ar)")
     return out
@@ -758,11 +763,35 @@ def _cost_lines(result: dict) -> list[str]:
     for b, cm in result.get("cost_models", {}).items():
         qs = " | ".join(str(q) for q in cm["verifier_q"])
         rel = " | ".join(f"{m / cm['verifier_ms'][0]:.2f}" for m in cm["verifier_ms"])
+        rest = "; ".join(f"{k} {a:.2f} + {b_:.3f} (gamma + 1) + {c:.3f} (K - 1)(gamma + 1)"
+                         for k, (a, b_, c) in cm.get("overhead", {}).items())
         out += [f"Batch {b}, context {cm['ctx']}: verifier forward {cm['verifier_ms'][0]:.3f} ms at Q=1, fixed "
                 f"part of an ar step {cm['fixed_ms']:.3f} ms, per decode call {cm.get('call_ms', 0.0):.2f} ms "
-                f"({cm['source']}, {cm['device']}).", "",
+                f"({cm['source']}, {cm['device']}). Rest of a speculative round, ms: {rest or '-'}. Sampling adds "
+                f"{cm.get('sampled_round_ms', 0.0):.3f} ms a round (temperature > 0) and "
+                f"{cm.get('sampled_draft_ms', 0.0):.3f} ms per AR-drafted token. Error on held-out decodes "
+                f"{cm.get('error', 0.0):.0%} (the auto planner's margin).", "",
                 f"| Q | {qs} |", "|---|" + "---|" * len(cm["verifier_q"]), f"| cost vs Q=1 | {rel} |", ""]
+    err = result.get("prediction_error")
+    if err:
+        out += [f"Predicted over measured tokens/s, {err['rows']} rows of this run: median |error| "
+                f"{err['median']:.0%}, largest {err['max']:.0%} ({err['worst']}); {err['within_15']} of "
+                f"{err['rows']} within 15%.", ""]
     return out
+
+
+def prediction_error(rows: list[dict]) -> dict | None:
+    """How far the cost model's predicted tokens/s is from the measured one over the kernel rows of a run."""
+    errs = [(r["predicted_tokens_per_s"] / r["tokens_per_s"] - 1.0, r) for r in rows
+            if r.get("predicted_tokens_per_s") and r.get("tokens_per_s")]
+    if not errs:
+        return None
+    worst = max(errs, key=lambda e: abs(e[0]))
+    w = worst[1]
+    return {"rows": len(errs), "median": statistics.median(abs(e) for e, _ in errs), "max": abs(worst[0]),
+            "within_15": sum(abs(e) <= 0.15 for e, _ in errs),
+            "worst": f"{w['method']} T={w['temperature']:g} gamma {w.get('gamma')} K {w.get('num_drafts')}"
+                     + (" sweep" if w.get("sweep") else "")}
 
 
 def render_markdown(result: dict, plots: list[str]) -> str:
@@ -782,7 +811,8 @@ def render_markdown(result: dict, plots: list[str]) -> str:
         parts += ["## The auto planner's choices", *auto, ""]
     if sweep:
         cols = ("method", "temperature", "gamma", "num_drafts", "draft_temperature", "acceptance", "denoise_steps",
-                "tokens_per_s", "speedup_vs_ar", "predicted_speedup", "tokens_per_verifier_call", "greedy_matches_ar")
+                "tokens_per_s", "predicted_tokens_per_s", "speedup_vs_ar", "predicted_speedup",
+                "tokens_per_verifier_call", "greedy_matches_ar")
         parts += [f"## Tuning sweep ({bc['sweep_mode']}, batch 1, first {bc['sweep_prompts']} prompts)",
                   table(sweep, cols), ""]
     parts += ["## Best setting per method (batch 1, main table and sweep of this run)",

@@ -5,6 +5,8 @@ The planner must fall back to `ar` for a drafter that is never accepted and spec
 cache is keyed so that another device or another model never reuses it.
 """
 
+import dataclasses
+
 import numpy as np
 import pytest
 from flax import nnx
@@ -55,6 +57,46 @@ def test_choose_speculates_when_everything_is_accepted():
     rate = list(0.8 ** np.arange(1, 17))
     best, _ = planner.choose(cpu_like_cost(verify_slope=0.5), [(OPT, "block", rate)], batch=1, max_gamma=16)
     assert best["method"] == "specdiff2" and 1 < best["gamma"] < 16
+
+
+def _one_position(r1: float, rounds: int) -> list:
+    return [(OPT, "block", planner.Rates([r1], rounds))]  # gamma 1 only: t = 1.13 + 0.23 + 0.3 ms, ar 1.3 ms
+
+
+def test_choose_keeps_ar_when_the_gain_is_inside_the_cost_models_error():
+    """E = 1.37 tokens per 1.66 ms round against 1 per 1.3 ms: +7.3% predicted, measured on many rounds."""
+    cm = dataclasses.replace(cpu_like_cost(), error=0.12)
+    best, table = planner.choose(cm, _one_position(0.37, 10**6), batch=1, max_gamma=16)
+    spec = table[1]
+    assert spec["gain"] == pytest.approx(1.37 / 1.66 * 1.3 - 1.0) and spec["gain"] > 0.07
+    assert best["method"] == "ar" and "< margin 12%" in best["reason"] and "+7%" in best["reason"]
+    best, _ = planner.choose(dataclasses.replace(cm, error=0.05), _one_position(0.37, 10**6), batch=1, max_gamma=16)
+    assert best["method"] == "specdiff2" and "> margin 5%" in best["reason"]
+    best, _ = planner.choose(cm, _one_position(0.37, 10**6), batch=1, max_gamma=16, margin=0.0)
+    assert best["method"] == "specdiff2"  # an explicit margin overrides the cost model's
+
+
+def test_choose_discounts_acceptance_measured_on_few_rounds():
+    """E = 1.5 (+17.5% predicted): on 10 rounds its lower bound 1.5 - 1.645 * sqrt(0.25 / 10) is below ar's
+    speed; on 1000 rounds it clears a 5% margin."""
+    cm = dataclasses.replace(cpu_like_cost(), error=0.05)
+    best, table = planner.choose(cm, _one_position(0.5, 10), batch=1, max_gamma=16)
+    assert table[1]["expected_tokens_low"] == pytest.approx(1.5 - 1.645 * np.sqrt(0.25 / 10))
+    assert best["method"] == "ar" and table[1]["gain"] > 0.15 and table[1]["gain_low"] < 0
+    best, _ = planner.choose(cm, _one_position(0.5, 1000), batch=1, max_gamma=16)
+    assert best["method"] == "specdiff2"
+
+
+def test_expected_tokens_low_is_the_histograms_standard_error():
+    """The bound from P(n >= j) alone equals mean - z * std / sqrt(rounds) of the per-round token counts."""
+    hist = np.array([30, 20, 10, 25, 15])  # rounds accepting 0..4 drafts
+    n = np.repeat(np.arange(5), hist)
+    rate = [float(np.mean(n >= j)) for j in range(1, 5)]
+    for g in (1, 2, 4):
+        x = 1 + np.minimum(n, g)
+        want = x.mean() - 1.645 * x.std() / np.sqrt(len(x))
+        assert planner.expected_tokens_low(rate, g, len(x)) == pytest.approx(want)
+    assert planner.expected_tokens_low(rate, 4, None) == planner.expected_tokens(rate, 4)  # rounds unknown
 
 
 def test_expected_tokens_from_profile():
@@ -124,7 +166,7 @@ def test_cost_model_cache_is_keyed_by_device_and_model(models, tmp_path, monkeyp
     calls = []
     real = cost.time_forward
     monkeypatch.setattr(cost, "time_forward", lambda *a, **k: calls.append(a[2]) or real(*a, reps=2, **k))
-    monkeypatch.setattr(cost, "_call_ms", lambda *a: (2.0 * a[-1], a[-1]))
+    monkeypatch.setattr(cost, "_decode_timer", lambda *a, **k: lambda: (2.0 * a[-1], a[-1]))
     cm = cost.measure(models["v"], batch=1, ctx=32)
     assert len(calls) == len(cost.VERIFIER_QS) and all(m > 0 for m in cm.verifier_ms)
     cost.measure(models["v"], batch=1, ctx=32)
@@ -159,24 +201,84 @@ def test_adaptive_round_costs_come_from_the_cost_model(models):
                    adaptive_gamma=[2, 4, 8])._round_costs == (1.25, 1.5, 2.0)  # no cost model: the CPU-like slope
 
 
-def test_cost_model_splits_a_call_into_per_call_and_per_step_costs(models, tmp_path, monkeypatch):
-    """ar decodes timed as call_ms + rounds * step (closed form): the fit recovers both parts, the fixed part of a
-    step is the step less the verifier forward, and speculative rounds are fitted with the call cost taken out."""
-    monkeypatch.setenv("SPECDIFF_JAX_CACHE", str(tmp_path))
-    monkeypatch.setattr(cost, "time_forward", lambda m, b, q, *a, **k: 1e-3 * (1.0 + 0.1 * (q - 1)))
-    call, step = 7.0, 1.5
-    spec_round = {2: 4.0, 8: 6.0}  # ms per speculative round at gamma 2 and 8, before the call's share
+def _fake_decodes(monkeypatch, call=7.0, step=1.5, rest=(0.4, 0.1, 0.05), sampled=(0.2, 0.03), off=None):
+    """Decode calls timed in closed form: call + rounds * round, with a round = the modelled forwards + `rest`
+    (a, b, c) [+ `sampled` (per round, per AR draft token) at temperature > 0]; `off` scales one (method, gamma, K)."""
+    a, b, c = rest
 
-    def fake_call_ms(verifier, drafter, method, gamma, batch, ctx, n=64):
+    def fake_call_ms(verifier, drafter, method, gamma, batch, ctx, n=64, *, num_drafts=1, temperature=0.0):
         if method == "ar":
-            return call + n * step, n
-        rounds = 10
-        return call + rounds * spec_round[gamma], rounds
+            return call + n * (step + (sampled[0] if temperature > 0 else 0.0)), n
+        kind = "ar" if method == "sps" else "block"
+        r = (1.0 + 0.1 * (num_drafts * (gamma + 1) - 1)) + _DRAFT_MS[kind](gamma, num_drafts) \
+            + a + b * (gamma + 1) + c * (num_drafts - 1) * (gamma + 1)
+        if temperature > 0:
+            r += sampled[0] + (sampled[1] * gamma if kind == "ar" else 0.0)
+        if off and off[0] == (method, gamma, num_drafts):
+            r *= off[1]
+        return call + 10 * r, 10
 
-    monkeypatch.setattr(cost, "_call_ms", fake_call_ms)
-    cm = cost.measure(models["v"], {"block": models["block"]}, batch=1, ctx=32)
+    monkeypatch.setattr(cost, "time_forward", lambda m, b_, q, *a_, **k: 1e-3 * (1.0 + 0.1 * (q - 1)))
+    monkeypatch.setattr(cost, "_decode_timer", lambda *a_, **k: lambda: fake_call_ms(*a_, **k))
+
+
+# the drafters' modelled forwards under the fake time_forward (0.1 ms per query above 1 ms)
+_DRAFT_MS = {"block": lambda g, k: 1.0 + 0.1 * (2 * g), "ar": lambda g, k: (1.0 + 0.1) + (g - 1) * 1.0}
+
+
+def test_cost_model_splits_a_call_into_per_call_and_per_step_costs(models, tmp_path, monkeypatch):
+    """Closed form: the fit recovers the per-call cost, the fixed part of an ar step (the step less the verifier
+    forward), the rest of a round with its K term, and sampling's costs; then it predicts rounds it never timed
+    (K = 4 at other gammas) exactly, and its held-out error is the floor."""
+    monkeypatch.setenv("SPECDIFF_JAX_CACHE", str(tmp_path))
+    call, step, rest, sampled = 7.0, 1.5, (0.4, 0.1, 0.05), (0.2, 0.03)
+    _fake_decodes(monkeypatch, call, step, rest, sampled)
+    cm = cost.measure(models["v"], {"block": models["block"], "ar": models["v"]}, batch=1, ctx=32)
     assert cm.call_ms == pytest.approx(call) and cm.fixed_ms == pytest.approx(step - 1.0)
-    for g in (2, 8):  # the fitted round equals the timed round per round, the call's cost excluded
-        assert cm.verify_ms(g + 1) + cm.draft_ms("block", g) + cm.round_overhead_ms("block", g + 1) == \
-            pytest.approx(spec_round[g])
+    assert cm.overhead["block"] == pytest.approx(rest) and cm.overhead["ar"] == pytest.approx(rest[:2] + (0.0,))
+    assert (cm.sampled_round_ms, cm.sampled_draft_ms) == pytest.approx(sampled)
+    assert cm.error == pytest.approx(cost.MIN_ERROR)
+    a, b, c = rest
+    for g, k in ((2, 1), (16, 4), (8, 4), (3, 2)):
+        want = (1.0 + 0.1 * (k * (g + 1) - 1)) + _DRAFT_MS["block"](g, k) + a + b * (g + 1) + c * (k - 1) * (g + 1)
+        assert cm.round_ms("block", g, k) == pytest.approx(want)
+    assert cm.round_ms("none", 0, temperature=1.0) == pytest.approx(step + sampled[0])
+    assert cm.round_ms("ar", 4, temperature=1.0, draft_temperature=1.0) == pytest.approx(
+        cm.round_ms("ar", 4) + sampled[0] + 4 * sampled[1])
     assert cm.call_ms_per_round(64, 2.0) == pytest.approx(call * 2.0 / 64)
+
+
+def test_cost_model_error_is_measured_on_held_out_decodes(models, tmp_path, monkeypatch):
+    """A held-out decode 20% slower than the fitted model predicts: the model says its error is 20%."""
+    monkeypatch.setenv("SPECDIFF_JAX_CACHE", str(tmp_path))
+    method, g, k = cost.VALIDATION_POINTS["block"]
+    _fake_decodes(monkeypatch, off=((method, g, k), 1.2))
+    cm = cost.measure(models["v"], {"block": models["block"]}, batch=1, ctx=32)
+    assert cm.error == pytest.approx(1.0 - 1.0 / 1.2)  # modelled / measured - 1
+
+
+def test_cost_model_slopes_are_never_negative(models, tmp_path, monkeypatch):
+    """Noise that makes gamma 8 look cheaper than gamma 2 outside the forwards: the slope is 0, not negative, so
+    long drafts are never predicted cheaper than their forwards."""
+    monkeypatch.setenv("SPECDIFF_JAX_CACHE", str(tmp_path))
+    _fake_decodes(monkeypatch, rest=(2.0, -0.1, 0.05))
+    cm = cost.measure(models["v"], {"block": models["block"]}, batch=1, ctx=32)
+    a, b, c = cm.overhead["block"]
+    assert b == 0.0 and c >= 0.0 and a > 0.0
+    assert cm.round_overhead_ms("block", 64, 4) >= cm.round_overhead_ms("block", 2, 1)
+
+
+def test_cost_model_times_its_decodes_in_turn(monkeypatch):
+    """All decodes are compiled before any is timed, then timed one call each in turn (a load change mid-way
+    slows every setting alike instead of the ones timed last)."""
+    events = []
+
+    def fake_timer(verifier, drafter, method, gamma, *a, **k):
+        events.append(("compile", gamma))
+        return lambda: events.append(("time", gamma)) or (float(gamma), 1)
+
+    monkeypatch.setattr(cost, "_decode_timer", fake_timer)
+    settings = {"x": ("none", "ar", 1, 1, 0.0, 16), "y": ("none", "ar", 2, 1, 0.0, 16)}
+    out = cost._time_decodes(None, {}, settings, 1, 64, repeats=3)
+    assert events == [("compile", 1), ("compile", 2)] + [("time", 1), ("time", 2)] * 3
+    assert out == {"x": (1.0, 1), "y": (2.0, 1)}

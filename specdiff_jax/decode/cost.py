@@ -1,19 +1,27 @@
 """The cost model of a verifier-drafter pair on a device: what a decode round costs, measured or predicted.
 
-A speculative round costs one verifier forward over Q = K * (gamma + 1) query tokens against the KV cache, the
-drafter's forwards, and a fixed part outside the models (sampling, cache and sequence writes, bookkeeping):
+A speculative round costs one verifier forward over Q = K * (gamma + 1) query tokens against the KV cache (the
+kernel verifies K chains as ONE sequence with a block-diagonal causal mask, so this is the verifier's cost at that
+Q), the drafter's forwards, and a part outside the models (sampling, selection, acceptance, cache and sequence
+writes, bookkeeping):
 
-    t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_rest(kind, K * (gamma + 1))
+    t_round = t_verify(K * (gamma + 1)) + t_draft(kind, gamma, K, T) + t_rest(kind, gamma, K, temperatures)
+    t_rest  = a + b * (gamma + 1) + c * (K - 1) * (gamma + 1)        [+ sampling terms at temperature > 0]
 
-and a decode call adds a fixed `call_ms` (starting the loop, its output buffers, the final statistics), which
+The rest is not proportional to Q: the K chains share one drafter forward and one set of step-1 marginals, so a
+chain beyond the first costs c (its drafts' sampling, its verified positions' probabilities, selection), measured
+on a K > 1 decode, not b. A decode call adds a fixed `call_ms` (starting the loop, its output buffers, the final statistics), which
 short decodes feel: a call of R rounds costs call_ms + R * t_round.
 
 `measure` times the real forwards on this device (bare `Transformer.forward` calls inside a jitted loop, so
-dispatch is excluded), and the part of a round outside the forwards from short real decodes: `ar` at two decode
-lengths (the difference is the per-step cost, the rest the per-call cost), and each speculative drafter kind at
-two draft lengths, fitted linearly in the number of verified positions. The result is
-cached on disk under a key of the device kind, the models' fingerprints, the batch and the context bucket, so
-another device or another model never reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
+dispatch is excluded), and the part of a round outside the forwards from short real decodes (`OVERHEAD_POINTS`,
+all compiled first and then timed in turn, so that a change in the machine's load hits every setting alike):
+`ar` at two decode lengths (the difference is the per-step cost, the rest the per-call cost), each speculative
+drafter kind at two draft lengths and the block drafter once with K > 1 drafts, and `ar` and the AR drafter at
+temperature 1 once (sampling's extra cost). One more decode per kind that no fit used (`VALIDATION_POINTS`) measures the model's own
+prediction error, `error`, which the planner takes as its margin. The result is cached on disk under a key of the
+device kind, the models' fingerprints, the batch and the context bucket, so another device or another model never
+reuses it. `analytic` predicts the same curves from FLOPs and bytes for a named accelerator (peak FLOP/s and memory
 bandwidth in `ACCELERATORS`), to ask what a pair would do on hardware one does not have.
 """
 
@@ -36,6 +44,17 @@ from specdiff_jax.timing import time_forward
 
 VERIFIER_QS = (1, 2, 3, 5, 9, 17, 33, 65)
 DRAFTER_QS = (2, 3, 5, 9, 17, 33)
+AR_DRAFTER_QS = (1, 2)  # an AR drafter only ever runs the 1-2 pending tokens, then one-token steps
+CACHE_VERSION = "v4"  # bump whenever what `measure` records changes
+# per drafter kind: (method, gamma, K) of the greedy decodes the rest of a round is fitted on
+# (the K > 1 point at gamma 8: the K term is then extrapolated at most twofold to the gamma-16 rows people run)
+OVERHEAD_POINTS = {"ar": (("sps", 2, 1), ("sps", 8, 1)),
+                   "block": (("specdiff2", 2, 1), ("specdiff2", 8, 1), ("specdiff2", 8, 4))}
+SAMPLED_POINT = ("sps", 8, 1)  # timed again at temperature 1: what sampling adds per drafted token
+VALIDATION_POINTS = {"ar": ("sps", 4, 1), "block": ("specdiff2", 2, 4)}  # held out: the model's prediction error
+TIMING_REPEATS = 5  # timed calls of each decode (median)
+MIN_ERROR = 0.05  # the error never claimed below this (repeated timings of one decode spread about this much)
+ANALYTIC_ERROR = 0.15  # analytic models are not checked against any timing: the error the issue allows a model
 # name -> (peak dense bf16 FLOP/s, memory bandwidth bytes/s, fixed per-round overhead in ms), per chip
 ACCELERATORS = {
     "tpu-v5e": (197e12, 819e9, 0.05),
@@ -95,9 +114,15 @@ class CostModel:
     drafter_ms: dict  # kind -> ms
     fixed_ms: float  # ar: ms per step outside the verifier forward
     window: int = 0  # bidirectional drafters: committed tokens re-encoded per round
-    # speculative rounds, per drafter kind: ms outside the modelled forwards = a + b * (verified positions)
+    # speculative rounds, per drafter kind: ms outside the modelled forwards
+    # = a + b * (gamma + 1) + c * (K - 1) * (gamma + 1)  (a, b, c)
     overhead: dict = dataclasses.field(default_factory=dict)
     call_ms: float = 0.0  # per decode call, whatever its length
+    # what sampling adds: ms per round when the verifier samples (temperature > 0), ms per token an AR drafter
+    # samples (draft temperature > 0)
+    sampled_round_ms: float = 0.0
+    sampled_draft_ms: float = 0.0
+    error: float = 0.0  # relative error of the modelled round time on decodes the fits did not use
 
     def call_ms_per_round(self, new_tokens: int, expected_tokens: float) -> float:
         """The per-call cost spread over the rounds of a `new_tokens` decode emitting `expected_tokens` a round."""
@@ -116,16 +141,26 @@ class CostModel:
             return f(2 * gamma + 1) + (min(steps, gamma) - 1) * f(num_drafts * gamma)
         return min(steps, gamma) * f(self.window + gamma) * (num_drafts if steps > 1 else 1)  # bidir
 
-    def round_overhead_ms(self, kind: str, q: int) -> float:
-        """ms of a round outside the models' forwards (sampling, acceptance, cache and sequence writes)."""
+    def round_overhead_ms(self, kind: str, gamma: int = 0, num_drafts: int = 1, temperature: float = 0.0,
+                          draft_temperature: float = 0.0) -> float:
+        """ms of a round outside the models' forwards (sampling, selection, acceptance, cache and sequence writes)."""
+        sampled = self.sampled_round_ms if temperature > 0 else 0.0
         if kind == "none" or kind not in self.overhead:
-            return self.fixed_ms
-        a, b = self.overhead[kind]
-        return max(self.fixed_ms, a + b * q)
+            return self.fixed_ms + sampled
+        a, b, c = (tuple(self.overhead[kind]) + (0.0,))[:3]
+        rest = a + b * (gamma + 1) + c * (num_drafts - 1) * (gamma + 1)
+        if kind == "ar" and draft_temperature > 0:
+            rest += self.sampled_draft_ms * gamma
+        return max(self.fixed_ms, rest) + sampled
 
-    def round_ms(self, kind: str, gamma: int, num_drafts: int = 1, steps: int = 1) -> float:
-        q = 1 if kind == "none" else num_drafts * (gamma + 1)
-        return self.verify_ms(q) + self.draft_ms(kind, gamma, num_drafts, steps) + self.round_overhead_ms(kind, q)
+    def verify_q(self, kind: str, gamma: int, num_drafts: int = 1) -> int:
+        """Query tokens of a round's verifier forward: K chains of gamma + 1 in one sequence (1 for ar)."""
+        return 1 if kind == "none" else num_drafts * (gamma + 1)
+
+    def round_ms(self, kind: str, gamma: int, num_drafts: int = 1, steps: int = 1, temperature: float = 0.0,
+                 draft_temperature: float = 0.0) -> float:
+        return (self.verify_ms(self.verify_q(kind, gamma, num_drafts)) + self.draft_ms(kind, gamma, num_drafts, steps)
+                + self.round_overhead_ms(kind, gamma, num_drafts, temperature, draft_temperature))
 
     def to_json(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,44 +174,128 @@ class CostModel:
         return cls(**d)
 
 
-def _call_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, n: int = 64) -> tuple[float, int]:
-    """Median ms of a greedy `n`-token decode call at this context (drafts argmax), and its rounds."""
+def _decode_timer(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, n: int = 64, *,
+                  num_drafts: int = 1, temperature: float = 0.0):
+    """A compiled and warmed-up `n`-token decode at this context: a function that times one call -> (ms, rounds).
+    Greedy with argmax drafts at temperature 0 (K > 1 drafts at draft temperature 1: K argmax drafts would be K
+    copies of one); at temperature > 0 the drafts are sampled at that temperature."""
     prompt_len = max(1, min(ctx, verifier.cfg.max_seq_len - n - gamma - 1) - n // 2)
     prompts = [[3 + (i * 7 + b) % 50 for i in range(prompt_len)] for b in range(batch)]
+    dt = temperature if temperature > 0 else (1.0 if num_drafts > 1 else 0.0)
     dec = Decoder(verifier, drafter, method=method, max_new_tokens=n, eos_id=None, gamma=max(gamma, 1),
-                  draft_temperature=0.0)
-    state = dec.prefill(prompts)
-    jax.block_until_ready(dec.decode_raw(state, 0))
-    ts, rounds = [], 1
-    for r in range(5):
+                  num_drafts=num_drafts, temperature=temperature, draft_temperature=dt)
+    jax.block_until_ready(dec.decode_raw(dec.prefill(prompts), 0))
+    seed = iter(range(1, 1 << 30))
+
+    def once() -> tuple[float, int]:
         state = dec.prefill(prompts)
         jax.block_until_ready(state["carry"])
         t0 = time.perf_counter()
-        raw = dec.decode_raw(state, r)
+        raw = dec.decode_raw(state, next(seed))
         jax.block_until_ready(raw)
-        ts.append(time.perf_counter() - t0)
-        rounds = max(int(raw[2]["rounds"]), 1)
-    return 1e3 * statistics.median(ts), rounds
+        return 1e3 * (time.perf_counter() - t0), max(int(raw[2]["rounds"]), 1)
+
+    return once
 
 
-def _round_ms(verifier, drafter, method: str, gamma: int, batch: int, ctx: int, call_ms: float) -> float:
-    """Measured ms per round of a short greedy decode, its per-call cost taken out."""
-    t, rounds = _call_ms(verifier, drafter, method, gamma, batch, ctx)
-    return max(t - call_ms, 0.0) / rounds
+def _time_decodes(verifier, drafters: dict, settings: dict, batch: int, ctx: int, repeats: int = TIMING_REPEATS,
+                  progress=None) -> dict:
+    """{name: (median ms, rounds)} of the decodes `settings` {name: (kind, method, gamma, K, temperature, n)}.
+    All are compiled first, then timed in turn, `repeats` rounds of one call each: a machine whose load changes
+    while they are timed slows every setting alike, so the fits' differences between settings stay sound."""
+    timers = {}
+    for name, (kind, method, g, k, temp, n) in settings.items():
+        if progress:
+            progress(f"cost model: compiling decode {name}")
+        timers[name] = _decode_timer(verifier, drafters.get(kind), method, g, batch, ctx, n, num_drafts=k,
+                                     temperature=temp)
+    samples = {name: [] for name in timers}
+    for _ in range(repeats):
+        for name, once in timers.items():
+            samples[name].append(once())
+    return {name: (statistics.median(ms for ms, _ in xs), xs[-1][1]) for name, xs in samples.items()}
 
 
-def _overheads(cm: "CostModel", verifier, drafters: dict, batch: int) -> dict:
-    """Per drafter kind, (a, b) with a round's time outside the modelled forwards = a + b * (gamma + 1), fitted
-    on two measured gammas."""
+def _point_name(kind: str, point: tuple, temperature: float = 0.0) -> str:
+    _, g, k = point
+    return f"{kind}_g{g}_k{k}_t{temperature:g}"
+
+
+def _decode_settings(drafters: dict) -> dict:
+    """Every decode `measure` times: ar at two lengths and at temperature 1, OVERHEAD_POINTS, SAMPLED_POINT and
+    VALIDATION_POINTS of the drafter kinds present."""
+    out = {"ar16": ("none", "ar", 0, 1, 0.0, 16), "ar64": ("none", "ar", 0, 1, 0.0, 64),
+           "ar64_t1": ("none", "ar", 0, 1, 1.0, 64)}
+    for kind, points in OVERHEAD_POINTS.items():
+        if kind in drafters:
+            for p in points + (VALIDATION_POINTS[kind],):
+                out[_point_name(kind, p)] = (kind, p[0], p[1], p[2], 0.0, 64)
+    if "ar" in drafters:
+        out[_point_name("ar", SAMPLED_POINT, 1.0)] = ("ar", *SAMPLED_POINT, 1.0, 64)
+    return out
+
+
+def _round_ms(cm: "CostModel", timed: dict, kind: str, point: tuple, temperature: float = 0.0) -> float:
+    """Measured ms per round of the decode at `point` = (method, gamma, K), its per-call cost taken out."""
+    ms, rounds = timed[_point_name(kind, point, temperature)]
+    return max(ms - cm.call_ms, 0.0) / rounds
+
+
+def _rest_ms(cm: "CostModel", timed: dict, kind: str, point: tuple, temperature: float = 0.0) -> float:
+    """ms of a measured round at `point` outside the modelled forwards."""
+    _, g, k = point
+    return (_round_ms(cm, timed, kind, point, temperature) - cm.verify_ms(cm.verify_q(kind, g, k))
+            - cm.draft_ms(kind, g, k))
+
+
+def _overheads(cm: "CostModel", timed: dict, drafters: dict) -> dict:
+    """Per drafter kind, (a, b, c) with a round's time outside the modelled forwards
+    = a + b * (gamma + 1) + c * (K - 1) * (gamma + 1), solved on the decodes of OVERHEAD_POINTS (c = 0 where only
+    K = 1 is timed). More positions never cost less: a negative slope is timing noise, which extrapolated to long
+    drafts would predict rounds cheaper than their forwards, so that slope is set to 0 and the rest refitted."""
     out = {}
-    for kind, method in (("ar", "sps"), ("block", "specdiff2")):
+    for kind, points in OVERHEAD_POINTS.items():
         if kind not in drafters:
             continue
-        pts = [(g + 1, _round_ms(verifier, drafters[kind], method, g, batch, cm.ctx, cm.call_ms)
-                - cm.verify_ms(g + 1) - cm.draft_ms(kind, g)) for g in (2, 8)]
-        b = (pts[1][1] - pts[0][1]) / (pts[1][0] - pts[0][0])
-        out[kind] = (pts[0][1] - b * pts[0][0], b)
+        x = np.array([[1.0, g + 1.0, (k - 1.0) * (g + 1.0)] for _, g, k in points])
+        y = np.array([_rest_ms(cm, timed, kind, p) for p in points])
+        cols = [0, 1, 2] if np.any(x[:, 2]) else [0, 1]
+        while True:
+            coef = np.zeros(3)
+            coef[cols] = np.linalg.lstsq(x[:, cols], y, rcond=None)[0]
+            negative = [j for j in cols[1:] if coef[j] < 0]
+            if not negative:
+                break
+            cols.remove(negative[0])
+        out[kind] = tuple(float(v) for v in coef)
     return out
+
+
+def _sampling(cm: "CostModel", timed: dict, drafters: dict, step_ms: float) -> tuple[float, float]:
+    """(ms a round adds when the verifier samples, ms per token an AR drafter samples): an ar decode and the
+    SAMPLED_POINT decode timed again at temperature 1."""
+    ms, rounds = timed["ar64_t1"]
+    per_round = max(0.0, (ms - cm.call_ms) / rounds - step_ms)
+    per_draft = 0.0
+    if "ar" in drafters:
+        _, g, k = SAMPLED_POINT
+        greedy = cm.round_overhead_ms("ar", g, k)
+        sampled = _rest_ms(cm, timed, "ar", SAMPLED_POINT, temperature=1.0)
+        per_draft = max(0.0, (sampled - greedy - per_round) / g)
+    return per_round, per_draft
+
+
+def _validation_error(cm: "CostModel", timed: dict, drafters: dict) -> float:
+    """The largest relative error of the modelled round time on the VALIDATION_POINTS decodes (no fit used them),
+    at least MIN_ERROR."""
+    errs = [MIN_ERROR]
+    for kind, point in VALIDATION_POINTS.items():
+        if kind in drafters:
+            _, g, k = point
+            measured = _round_ms(cm, timed, kind, point)
+            modelled = cm.round_ms(kind, g, k, draft_temperature=1.0 if k > 1 else 0.0)
+            errs.append(abs(modelled / max(measured, 1e-9) - 1.0))
+    return float(max(errs))
 
 
 def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int = 256, use_cache: bool = True,
@@ -185,7 +304,7 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
     in ar | block | bidir) on this device at `batch` rows and a context of about `ctx` tokens."""
     drafters = drafters or {}
     ctx = ctx_bucket(ctx)
-    key = "_".join(["v3", device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
+    key = "_".join([CACHE_VERSION, device_kind().replace(":", "-").replace(" ", "_"), fingerprint(verifier),
                     *[f"{k}-{fingerprint(m)}" for k, m in sorted(drafters.items())], f"b{batch}", f"c{ctx}"])
     path = cache_dir() / "cost" / f"{key}.json"
     if use_cache and path.is_file():
@@ -206,17 +325,20 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
             qs = tuple(window + g for g in (4, 8, 16, 32) if window + g <= m.cfg.max_seq_len)
             dq[kind], dms[kind] = qs, tuple(1e3 * time_forward(m, batch, q, 0, 0) for q in qs)
         else:
-            qs = (1,) + DRAFTER_QS if kind == "ar" else DRAFTER_QS
+            qs = AR_DRAFTER_QS if kind == "ar" else DRAFTER_QS
             dcap = min(m.cfg.max_seq_len, ctx + max(qs))
             dq[kind] = qs
             dms[kind] = tuple(1e3 * time_forward(m, batch, q, dcap, min(length, dcap - max(qs))) for q in qs)
-    say("cost model: timing the fixed part of a round")
-    (short, r_short), (long, r_long) = (_call_ms(verifier, None, "ar", 0, batch, ctx, n) for n in (16, 64))
+    settings = _decode_settings(drafters)
+    timed = _time_decodes(verifier, drafters, settings, batch, ctx, progress=say)
+    (short, r_short), (long, r_long) = timed["ar16"], timed["ar64"]
     step = max(long - short, 1e-6) / max(r_long - r_short, 1)
     fixed = max(0.0, step - vms[0])
     cm = CostModel("measured", device_kind(), batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window,
                    call_ms=max(0.0, short - r_short * step))
-    cm.overhead = _overheads(cm, verifier, drafters, batch)
+    cm.overhead = _overheads(cm, timed, drafters)
+    cm.sampled_round_ms, cm.sampled_draft_ms = _sampling(cm, timed, drafters, step)
+    cm.error = _validation_error(cm, timed, drafters)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -253,6 +375,7 @@ def analytic(verifier_cfg, drafter_cfgs: dict | None = None, *, accelerator: str
             qs = tuple(window + g for g in (4, 8, 16, 32))
             dq[kind], dms[kind] = qs, tuple(_forward_ms(cfg, batch, q, q, peak, bw) for q in qs)
         else:
-            qs = (1,) + DRAFTER_QS if kind == "ar" else DRAFTER_QS
+            qs = AR_DRAFTER_QS if kind == "ar" else DRAFTER_QS
             dq[kind], dms[kind] = qs, tuple(_forward_ms(cfg, batch, q, ctx + q, peak, bw) for q in qs)
-    return CostModel(f"analytic:{accelerator}", accelerator, batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window)
+    return CostModel(f"analytic:{accelerator}", accelerator, batch, ctx, VERIFIER_QS, vms, dq, dms, fixed, window,
+                     error=ANALYTIC_ERROR)

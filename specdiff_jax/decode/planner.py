@@ -5,8 +5,12 @@ acceptance side from the drafter's acceptance profile: P(n >= j), the probabilit
 j drafts, at the largest gamma considered. Drafting with a smaller gamma accepts the same prefix, so
 E[tokens per round | gamma] = 1 + sum_{j <= gamma} P(n >= j) for every gamma up to the profiled one. Profiles are
 measured on the fly (a short decode of the first prompts) and kept on disk beside the cost models, keyed by the
-models' fingerprints, the setting and the temperature. `ar` is chosen when no speculative setting is predicted to
-beat it. Every candidate is exactly lossless, so the choice only moves speed.
+models' fingerprints, the setting and the temperature.
+
+Speculation is chosen only when it pays beyond the planner's own uncertainty: its gain over `ar` computed with a
+lower confidence bound on E[tokens per round] (the profile was measured on few rounds) must exceed the cost
+model's measured relative error (`CostModel.error`). Otherwise `ar`, and `Plan.reason` says why. Every candidate
+is exactly lossless, so the choice only moves speed.
 """
 
 from __future__ import annotations
@@ -24,6 +28,19 @@ from specdiff_jax.decode.core import Decoder
 GAMMAS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 PROFILE_PROMPTS = 4
 PROFILE_TOKENS = 64
+PROFILE_VERSION = "a2"  # bump whenever what a cached acceptance profile records changes
+Z_LOWER = 1.645  # one-sided 95% normal quantile of the lower bound on E[tokens per round]
+
+
+class Rates(list):
+    """P(n >= j) for j = 1..gamma, and `rounds`: how many row-rounds it was measured on (None: unknown, then no
+    acceptance bound is taken)."""
+
+    rounds: int | None = None
+
+    def __init__(self, values, rounds: int | None = None):
+        super().__init__(float(x) for x in values)
+        self.rounds = rounds
 
 
 @dataclasses.dataclass
@@ -38,6 +55,7 @@ class Plan:
     cost_model: cost.CostModel | None = None  # the one the prediction came from (adaptive gamma's round costs)
     candidates: list = dataclasses.field(default_factory=list)  # every setting considered, with predictions
     source: str = ""
+    reason: str = ""  # why this choice: its predicted gain, its lower bound, the margin it had to clear
 
     def describe(self) -> dict:
         s = self.settings if self.method != "ar" else {}
@@ -45,7 +63,7 @@ class Plan:
                 "draft_temperature": s.get("draft_temperature"), "acceptance": s.get("acceptance"),
                 "adaptive_gamma": list(s.get("adaptive_gamma") or []),
                 "predicted_tokens_per_s": self.predicted_tokens_per_s, "expected_tokens": self.expected_tokens,
-                "round_ms": self.round_ms, "cost_model": self.source}
+                "round_ms": self.round_ms, "cost_model": self.source, "reason": self.reason}
 
 
 def drafter_kind(model) -> str:
@@ -67,28 +85,32 @@ def options(kind: str, temperature: float) -> list[dict]:
 
 
 def _profile_path(verifier, drafter, opt: dict, temperature: float, gamma: int) -> Path:
-    key = "_".join([cost.fingerprint(verifier), cost.fingerprint(drafter), opt["method"], f"k{opt['num_drafts']}",
+    key = "_".join([PROFILE_VERSION, cost.fingerprint(verifier), cost.fingerprint(drafter), opt["method"],
+                    f"k{opt['num_drafts']}",
                     f"dt{opt['draft_temperature']:g}", opt["acceptance"], f"t{temperature:g}", f"g{gamma}"])
     return cost.cache_dir() / "acceptance" / f"{key}.json"
 
 
 def profile(verifier, drafter, opt: dict, prompts, *, temperature: float, top_k: int = 0, top_p: float = 1.0,
-            gamma: int, eos_id=None, use_cache: bool = True) -> list[float]:
-    """P(n >= j) for j = 1..gamma: the per-round acceptance profile of one setting (measured, cached on disk)."""
+            gamma: int, eos_id=None, use_cache: bool = True) -> Rates:
+    """P(n >= j) for j = 1..gamma: the per-round acceptance profile of one setting (measured, cached on disk), with
+    the number of row-rounds it was measured on."""
     path = _profile_path(verifier, drafter, opt, temperature, gamma)
     if use_cache and path.is_file():
         try:
-            return [float(x) for x in json.loads(path.read_text())["accept_rate"]]
+            d = json.loads(path.read_text())
+            return Rates(d["accept_rate"], int(d["rounds"]))
         except (ValueError, KeyError, TypeError):
             pass
     dec = Decoder(verifier, drafter, method=opt["method"], gamma=gamma, num_drafts=opt["num_drafts"],
                   draft_temperature=opt["draft_temperature"], acceptance=opt["acceptance"], temperature=temperature,
                   top_k=top_k, top_p=top_p, max_new_tokens=PROFILE_TOKENS, eos_id=eos_id)
     out = dec([list(p)[-256:] for p in prompts[:PROFILE_PROMPTS]], seed=0)
-    rate = [float(x) for x in out.stats["accept_rate"]]
+    rate = Rates(out.stats["accept_rate"], int(np.sum(out.stats["accepted_hist"])))
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"accept_rate": rate, "setting": opt, "temperature": temperature}))
+        path.write_text(json.dumps({"accept_rate": list(rate), "rounds": rate.rounds, "setting": opt,
+                                    "temperature": temperature}))
     except OSError:
         pass
     return rate
@@ -99,21 +121,61 @@ def expected_tokens(rate, gamma: int) -> float:
     return 1.0 + float(np.sum(rate[:gamma]))
 
 
-def choose(cm: cost.CostModel, profiles: list[tuple[dict, str, list[float]]], batch: int,
-           max_gamma: int, new_tokens: int = 0) -> tuple[dict, list[dict]]:
+def expected_tokens_low(rate, gamma: int, rounds: int | None, z: float = Z_LOWER) -> float:
+    """A lower confidence bound on E[tokens per round] at `gamma`: the mean less z standard errors over `rounds`
+    measured rounds. A round emits 1 + min(n, gamma) tokens; with r_j = P(n >= j),
+    E[min(n, gamma)^2] = sum_{j <= gamma} (2j - 1) r_j gives its variance from the profile alone."""
+    mean = expected_tokens(rate, gamma)
+    if not rounds:
+        return mean
+    r = np.asarray(rate[:gamma], float)
+    var = float(np.sum((2 * np.arange(1, len(r) + 1) - 1) * r) - np.sum(r) ** 2)
+    return max(1.0, mean - z * np.sqrt(max(var, 0.0) / rounds))
+
+
+def _describe(row: dict) -> str:
+    return (f"{row['method']} gamma {row['gamma']} K {row['num_drafts']} draft T {row['draft_temperature']:g} "
+            f"{row['acceptance']}")
+
+
+def choose(cm: cost.CostModel, profiles: list[tuple], batch: int, max_gamma: int, new_tokens: int = 0,
+           temperature: float = 0.0, margin: float | None = None) -> tuple[dict, list[dict]]:
     """The best (setting, gamma) of `profiles` [(option, drafter kind, P(n >= j))] and ar, and the full table.
-    With `new_tokens`, each round also carries its share of the per-call cost of a decode that long."""
+
+    A speculative setting is eligible only when its gain over ar with the acceptance lower bound
+    (`expected_tokens_low`, over the profile's `rounds`) exceeds `margin` (default: the cost model's measured
+    relative error); the eligible one with the highest predicted tokens/s wins, else ar. `best["reason"]` says
+    which and why. With `new_tokens`, each round also carries its share of the per-call cost of a decode that long.
+    """
+    margin = cm.error if margin is None else margin
     share = (lambda e: cm.call_ms_per_round(new_tokens, e)) if new_tokens else (lambda e: 0.0)  # noqa: E731
-    t_ar = cm.round_ms("none", 0) + share(1.0)
+    t_ar = cm.round_ms("none", 0, temperature=temperature) + share(1.0)
+    ar_tps = 1e3 * batch / t_ar
     table = [dict(method="ar", gamma=0, num_drafts=1, draft_temperature=None, acceptance="auto", kind="none",
-                  expected_tokens=1.0, round_ms=t_ar, predicted_tokens_per_s=1e3 * batch / t_ar, index=-1)]
+                  expected_tokens=1.0, round_ms=t_ar, predicted_tokens_per_s=ar_tps, gain=0.0, gain_low=0.0,
+                  index=-1)]
     for i, (opt, kind, rate) in enumerate(profiles):
         for g in (g for g in GAMMAS if g <= min(max_gamma, len(rate))):
             e = expected_tokens(rate, g)
-            t = cm.round_ms(kind, g, opt["num_drafts"]) + share(e)
-            table.append(dict(opt, gamma=g, kind=kind, expected_tokens=e, round_ms=t,
-                              predicted_tokens_per_s=1e3 * batch * e / t, index=i))
-    best = max(table, key=lambda r: r["predicted_tokens_per_s"])
+            e_low = expected_tokens_low(rate, g, getattr(rate, "rounds", None))
+            t = cm.round_ms(kind, g, opt["num_drafts"], temperature=temperature,
+                            draft_temperature=opt["draft_temperature"]) + share(e)
+            tps = 1e3 * batch * e / t
+            table.append(dict(opt, gamma=g, kind=kind, expected_tokens=e, expected_tokens_low=e_low, round_ms=t,
+                              predicted_tokens_per_s=tps, gain=tps / ar_tps - 1.0,
+                              gain_low=1e3 * batch * e_low / t / ar_tps - 1.0, index=i))
+    spec = [r for r in table if r["method"] != "ar"]
+    eligible = [r for r in spec if r["gain_low"] > margin]
+    if eligible:
+        best = dict(max(eligible, key=lambda r: r["predicted_tokens_per_s"]))
+        best["reason"] = (f"predicted {best['gain']:+.0%} over ar (acceptance lower bound {best['gain_low']:+.0%}) "
+                          f"> margin {margin:.0%}")
+    else:
+        best = dict(table[0])
+        top = max(spec, key=lambda r: r["predicted_tokens_per_s"]) if spec else None
+        best["reason"] = "no speculative candidate" if top is None else (
+            f"best speculative setting {_describe(top)} predicted {top['gain']:+.0%} (acceptance lower bound "
+            f"{top['gain_low']:+.0%}) < margin {margin:.0%}")
     return best, table
 
 
@@ -139,12 +201,12 @@ def plan(verifier, candidates: list, *, prompts, temperature: float, top_k: int 
                            gamma=max_gamma, eos_id=eos_id)
             profiles.append((opt, kind, rate))
             models.append(d)
-    best, table = choose(cm, profiles, batch, max_gamma, max_new_tokens)
+    best, table = choose(cm, profiles, batch, max_gamma, max_new_tokens, temperature=temperature)
     if best["method"] == "ar":
         settings = dict(gamma=1, num_drafts=1, denoise_steps=1, draft_temperature=0.0, acceptance="auto",
                         adaptive_gamma=False)
         return Plan("ar", None, settings, best["predicted_tokens_per_s"], 1.0, best["round_ms"], 0.0,
-                    cost_model=cm, candidates=table, source=cm.source)
+                    cost_model=cm, candidates=table, source=cm.source, reason=best["reason"])
     opt, kind, rate = profiles[best["index"]]
     g = best["gamma"]
     judged = 1.0 + sum(rate[: g - 1])  # position j is judged when j-1 drafts were accepted
@@ -156,4 +218,4 @@ def plan(verifier, candidates: list, *, prompts, temperature: float, top_k: int 
                     draft_temperature=opt["draft_temperature"], acceptance=opt["acceptance"],
                     adaptive_gamma=gammas or False)
     return Plan(opt["method"], models[best["index"]], settings, best["predicted_tokens_per_s"],
-                best["expected_tokens"], best["round_ms"], alpha, cm, table, cm.source)
+                best["expected_tokens"], best["round_ms"], alpha, cm, table, cm.source, best["reason"])
