@@ -54,10 +54,10 @@ def test_deeper_model_has_exactly_the_original_logits(old, new):
 
 
 def test_wider_model_has_the_original_logits_to_float_rounding():
-    m = trained_like(num_layers=2)  # hidden 32, 2 heads of 16, MLP 64
+    m = trained_like(num_layers=2, rms_norm_eps=0.1)  # hidden 32, 2 heads of 16, MLP 64; an eps that matters
     g = growth.grow_width(m, 64, 4, 128, seed=1)
     assert (g.cfg.hidden_size, g.cfg.num_heads, g.cfg.num_kv_heads, g.cfg.intermediate_size) == (64, 4, 1, 128)
-    assert g.cfg.rms_norm_eps == pytest.approx(m.cfg.rms_norm_eps / 2)
+    assert g.cfg.rms_norm_eps == pytest.approx(0.05)
     x = tokens(m.cfg)
     a, b = np.asarray(g(x)), np.asarray(m(x))
     assert np.max(np.abs(a - b)) <= 1e-5 * max(1.0, np.max(np.abs(b)))
