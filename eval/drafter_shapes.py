@@ -152,6 +152,7 @@ def plot(path: Path, rows: list[dict], gammas) -> None:
           xticklabels=[str(g) for g in gammas], title="tau(g) / round cost(g)")
     b.set(xlabel=f"round cost at g={16 if 16 in gammas else gammas[-1]} (AR steps)", ylabel="tau at g=16 (95% CI)",
           title="acceptance against cost")
+    a.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     a.legend(fontsize=8)
     a.grid(alpha=0.3)
     b.grid(alpha=0.3)
