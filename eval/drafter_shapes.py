@@ -49,18 +49,15 @@ def shape_costs(verifier, control, cfgs: dict, ctx: int, gammas, log=print) -> t
     """Round cost in AR steps at each gamma for each named drafter config, from one cost model of `verifier` with
     `control` and each config's own drafter forwards. Returns ({name: {gamma: round / ar}}, {name: draft ms})."""
     from specdiff_jax.decode import cost
-    from specdiff_jax.timing import random_model, time_forward
+    from specdiff_jax.timing import random_model
 
     cm = cost.measure(verifier, {"block": control}, batch=1, ctx=ctx, use_cache=False, progress=log)
     ar = cm.round_ms("none", 0)
     cap_v = min(verifier.cfg.max_seq_len, cm.ctx + max(cost.VERIFIER_QS))
-    length = min(cm.ctx, cap_v - max(cost.VERIFIER_QS))
+    length = min(cm.ctx, cap_v - max(cost.VERIFIER_QS))  # the cached length measure() times the drafter at
     rounds, drafts = {}, {}
     for name, cfg in cfgs.items():
-        dcap = min(cfg.max_seq_len, cm.ctx + max(cost.DRAFTER_QS))
-        d = random_model(cfg)
-        ms = tuple(1e3 * time_forward(d, 1, q, dcap, min(length, dcap - max(cost.DRAFTER_QS)))
-                   for q in cost.DRAFTER_QS)
+        _, ms = cost.drafter_forward_ms(random_model(cfg), "block", batch=1, ctx=cm.ctx, length=length)
         c = dataclasses.replace(cm, drafter_ms={"block": ms})
         rounds[name] = {g: c.round_ms("block", g) / ar for g in gammas}
         drafts[name] = {g: c.draft_ms("block", g) for g in gammas}

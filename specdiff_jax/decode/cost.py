@@ -44,6 +44,7 @@ from specdiff_jax.timing import time_forward
 
 VERIFIER_QS = (1, 2, 3, 5, 9, 17, 33, 65)
 DRAFTER_QS = (2, 3, 5, 9, 17, 33)
+BIDIR_WINDOW = 512  # committed tokens a bidirectional drafter re-encodes per round (Decoder's draft_window)
 AR_DRAFTER_QS = (1, 2)  # an AR drafter only ever runs the 1-2 pending tokens, then one-token steps
 CACHE_VERSION = "v4"  # bump whenever what `measure` records changes
 # per drafter kind: (method, gamma, K) of the greedy decodes the rest of a round is fitted on
@@ -298,6 +299,19 @@ def _validation_error(cm: "CostModel", timed: dict, drafters: dict) -> float:
     return float(max(errs))
 
 
+def drafter_forward_ms(model, kind: str, *, batch: int, ctx: int, length: int) -> tuple[tuple, tuple]:
+    """(query counts, ms) of the drafter's forwards as a round of drafter `kind` runs them, against `length`
+    cached tokens of a cache for about `ctx` (bidir: a window of BIDIR_WINDOW committed tokens + the block,
+    no cache)."""
+    if kind == "bidir":
+        window = min(BIDIR_WINDOW, length)
+        qs = tuple(window + g for g in (4, 8, 16, 32) if window + g <= model.cfg.max_seq_len)
+        return qs, tuple(1e3 * time_forward(model, batch, q, 0, 0) for q in qs)
+    qs = AR_DRAFTER_QS if kind == "ar" else DRAFTER_QS
+    dcap = min(model.cfg.max_seq_len, ctx + max(qs))
+    return qs, tuple(1e3 * time_forward(model, batch, q, dcap, min(length, dcap - max(qs))) for q in qs)
+
+
 def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int = 256, use_cache: bool = True,
             progress=None) -> CostModel:
     """Measure (or load from the disk cache) the cost model of `verifier` and `drafters` ({kind: model} with kind
@@ -320,15 +334,8 @@ def measure(verifier, drafters: dict | None = None, *, batch: int = 1, ctx: int 
     dq, dms, window = {}, {}, 0
     for kind, m in sorted(drafters.items()):
         say(f"cost model: timing the {kind} drafter")
-        if kind == "bidir":
-            window = min(512, length)
-            qs = tuple(window + g for g in (4, 8, 16, 32) if window + g <= m.cfg.max_seq_len)
-            dq[kind], dms[kind] = qs, tuple(1e3 * time_forward(m, batch, q, 0, 0) for q in qs)
-        else:
-            qs = AR_DRAFTER_QS if kind == "ar" else DRAFTER_QS
-            dcap = min(m.cfg.max_seq_len, ctx + max(qs))
-            dq[kind] = qs
-            dms[kind] = tuple(1e3 * time_forward(m, batch, q, dcap, min(length, dcap - max(qs))) for q in qs)
+        window = min(BIDIR_WINDOW, length) if kind == "bidir" else window
+        dq[kind], dms[kind] = drafter_forward_ms(m, kind, batch=batch, ctx=ctx, length=length)
     settings = _decode_settings(drafters)
     timed = _time_decodes(verifier, drafters, settings, batch, ctx, progress=say)
     (short, r_short), (long, r_long) = timed["ar16"], timed["ar64"]
@@ -371,7 +378,7 @@ def analytic(verifier_cfg, drafter_cfgs: dict | None = None, *, accelerator: str
     dq, dms, window = {}, {}, 0
     for kind, cfg in sorted((drafter_cfgs or {}).items()):
         if kind == "bidir":
-            window = min(512, ctx)
+            window = min(BIDIR_WINDOW, ctx)
             qs = tuple(window + g for g in (4, 8, 16, 32))
             dq[kind], dms[kind] = qs, tuple(_forward_ms(cfg, batch, q, q, peak, bw) for q in qs)
         else:
