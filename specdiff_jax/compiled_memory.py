@@ -97,28 +97,30 @@ def compile_train_step(cfg, devices=None) -> Bytes:
     if prog.frozen_sh is not None:  # LoRA: the frozen base is an input of the step
         frozen = _abstract(nnx.to_pure_dict(nnx.state(abstract_model(cfg.model), nnx.Param)))
     lowered = prog.train_step.lower(_abstract(prog.shapes), {"tokens": tokens, "segment_ids": tokens}, frozen)
-    compiled, live = _compile(lowered, cfg.model.dtype == "bfloat16")
-    ma = compiled.memory_analysis()
-    out = {f: int(getattr(ma, f"{f}_size_in_bytes")) for f in FIELDS}
+    out, live = _compile(lowered, cfg.model.dtype == "bfloat16")
     out["total"] = out["argument"] + out["output"] - out["alias"] + out["temp"]
     out["live"], out["tpu"] = (live["peak"], live["peak_tpu"]) if live else (out["total"], out["total"])
     return out
 
 
-def _compile(lowered, bf16: bool):
-    """(the compiled program, its peak of live bytes as compiled and at a TPU's sizes: `cpu_widening.widening`;
-    None for a program without bf16 compute, or when this XLA's dump is not the one `cpu_widening` reads: then
-    only the CPU figure is reported)."""
+def _compile(lowered, bf16: bool) -> tuple[Bytes, dict | None]:
+    """Compile `lowered`: (XLA's argument/output/alias/temp bytes, its peak of live bytes as compiled and at a TPU's
+    sizes: `cpu_widening.widening`; None for a program without bf16 compute, or when this XLA's dump is not the one
+    `cpu_widening` reads: then only the CPU figure is reported)."""
+    def fields(compiled) -> Bytes:
+        ma = compiled.memory_analysis()
+        return {f: int(getattr(ma, f"{f}_size_in_bytes")) for f in FIELDS}
+
     if not bf16:
-        return lowered.compile(), None
+        return fields(lowered.compile()), None
     from specdiff_jax.cpu_widening import widening
 
     with tempfile.TemporaryDirectory() as d:
         compiled = lowered.compile(compiler_options={"xla_dump_to": d})
         try:
-            return compiled, widening(d)
+            return fields(compiled), widening(d)
         except (ValueError, KeyError, IndexError, OSError):
-            return compiled, None
+            return fields(compiled), None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,9 +184,7 @@ def _kernel_bytes(lowered, bf16: bool, params: int, inputs: int) -> Bytes:
     models: XLA drops the ones a kernel never reads from its arguments) and the other inputs; total = parameters +
     inputs + output - alias + temp, what a device holds while the kernel runs; live / tpu: `_compile`'s peaks plus the
     parameters XLA dropped from the arguments."""
-    compiled, live = _compile(lowered, bf16)
-    ma = compiled.memory_analysis()
-    out = {f: int(getattr(ma, f"{f}_size_in_bytes")) for f in FIELDS}
+    out, live = _compile(lowered, bf16)
     out.update(parameters=params, inputs=inputs)
     out["total"] = params + inputs + out["output"] - out["alias"] + out["temp"]
     dropped = params + inputs - out["argument"]
